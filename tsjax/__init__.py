@@ -1,0 +1,1 @@
+"""tsjax: teacher-student defect detection for SEM wafer image pairs."""

@@ -1,0 +1,376 @@
+"""Frozen ResNet-18 teacher with torchvision's exact semantics.
+
+The teacher turns an image into multi-scale feature maps. Its parameter tree
+mirrors torchvision's ``resnet18`` so that ImageNet weights map one to one:
+``torchvision_key_map`` is the single place that states the correspondence.
+
+Two details differ from a naive Flax port and both matter for parity with
+torchvision:
+
+* Padding is explicit and symmetric. Flax's ``'SAME'`` pads a stride-2
+  convolution more at the bottom/right than at the top/left, while PyTorch
+  pads ``padding`` pixels on every side.
+* Max-pooling pads with ``-inf``, so a border pixel never competes with a
+  zero that is not in the image.
+
+References:
+  He, Zhang, Ren and Sun, "Deep Residual Learning for Image Recognition",
+  CVPR 2016.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+__all__ = [
+    "LAYERS",
+    "LAYER_STRIDES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BN_EPSILON",
+    "ResNet18",
+    "preprocess",
+    "torchvision_key_map",
+    "load_pretrained",
+    "load_state_dict",
+    "random_variables",
+    "variables_sha256",
+    "receptive_field",
+]
+
+# Feature maps the teacher can return, shallow to deep, with their stride in
+# input pixels.
+LAYERS = ("stem", "layer1", "layer2", "layer3")
+LAYER_STRIDES = {"stem": 2, "layer1": 4, "layer2": 8, "layer3": 16}
+
+# Receptive field of one output pixel, in input pixels, of torchvision's
+# ResNet-18 at the end of each stage (computed from the kernel sizes and
+# strides: conv1 7x7/2, max-pool 3x3/2, then 3x3 convolutions).
+_RECEPTIVE_FIELD = {"stem": 7, "layer1": 43, "layer2": 99, "layer3": 211}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torchvision's BatchNorm2d default.
+BN_EPSILON = 1e-5
+
+# ResNet-18 stages: (name, output channels, stride of the first block).
+_STAGES = (("layer1", 64, 1), ("layer2", 128, 2), ("layer3", 256, 2))
+
+
+def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+    pad = (kernel - 1) // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=True,
+        name=name,
+    )
+
+
+def _bn(name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name=name)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (torchvision's BasicBlock).
+
+    Every convolution carries a bias, which is zero for checkpoints with
+    separate batch norm and holds the folded batch-norm shift otherwise.
+    """
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        residual = x
+        y = _conv(self.features, 3, self.stride, "conv1")(x)
+        y = nn.relu(_bn("bn1")(y))
+        y = _conv(self.features, 3, 1, "conv2")(y)
+        y = _bn("bn2")(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            residual = _conv(self.features, 1, self.stride, "downsample_conv")(x)
+            residual = _bn("downsample_bn")(residual)
+        return nn.relu(y + residual)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 feature extractor up to ``last_layer``.
+
+    Attributes:
+      last_layer: Deepest stage to compute, one of ``LAYERS``. Stages after it
+        are neither built nor run, so checkpoints that stop early still load.
+
+    Call:
+      x: ``[B, H, W, 3]`` float32, ImageNet-normalised (see ``preprocess``).
+
+    Returns:
+      A dict of feature maps keyed by layer name, NHWC: ``'stem'`` after
+      conv1/bn1/relu and before max-pool (``[B, ceil(H/2), ceil(W/2), 64]``),
+      ``'layer1'`` (1/4 resolution, 64 channels), ``'layer2'`` (1/8, 128),
+      ``'layer3'`` (1/16, 256), each present up to ``last_layer``.
+    """
+
+    last_layer: str = "layer3"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        if self.last_layer not in LAYERS:
+            raise ValueError(
+                f"last_layer={self.last_layer!r} is not a teacher layer; "
+                f"use one of {LAYERS}."
+            )
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"teacher input must be [B, H, W, 3]; got shape {x.shape}. "
+                "Use tsjax.teacher.preprocess to convert grayscale images."
+            )
+        depth = LAYERS.index(self.last_layer)
+        features = {}
+
+        x = _conv(64, 7, 2, "conv1")(x)
+        x = nn.relu(_bn("bn1")(x))
+        features["stem"] = x
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+        for index, (stage, width, stride) in enumerate(_STAGES):
+            if index + 1 > depth:
+                break
+            x = BasicBlock(width, stride, name=f"{stage}_0")(x)
+            x = BasicBlock(width, 1, name=f"{stage}_1")(x)
+            features[stage] = x
+        return features
+
+
+def receptive_field(layer: str) -> int:
+    """Return the receptive field, in input pixels, of one pixel of ``layer``."""
+    if layer not in _RECEPTIVE_FIELD:
+        raise ValueError(f"unknown layer {layer!r}; use one of {LAYERS}.")
+    return _RECEPTIVE_FIELD[layer]
+
+
+def preprocess(images: ArrayLike) -> jax.Array:
+    """Convert grayscale images in [0, 1] to ImageNet-normalised RGB.
+
+    Args:
+      images: ``[B, H, W]`` or ``[H, W]`` float images with values in [0, 1].
+
+    Returns:
+      ``[B, H, W, 3]`` float32, the gray value replicated to three channels
+      and normalised with ImageNet's per-channel mean and standard deviation.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim == 2:
+        images = images[None]
+    if images.ndim != 3:
+        raise ValueError(f"expected [B, H, W] or [H, W] images; got shape {images.shape}.")
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    return (images[..., None] - mean) / std
+
+
+def torchvision_key_map(last_layer: str = "layer3") -> dict[str, tuple[str, ...]]:
+    """Map torchvision ``state_dict`` keys to paths in the Flax variables.
+
+    Convolution weights map to ``('params', ..., 'kernel')`` and must be
+    transposed from OIHW to HWIO. Batch-norm ``weight``/``bias`` map to
+    ``params`` ``scale``/``bias`` and ``running_mean``/``running_var`` to
+    ``batch_stats`` ``mean``/``var``. A convolution ``bias`` key exists only in
+    checkpoints with batch norm folded into the convolutions.
+
+    Args:
+      last_layer: Deepest stage whose keys are listed.
+
+    Returns:
+      Ordered dict from torchvision key to a path tuple.
+    """
+    modules = [("conv1", "conv1"), ("bn1", "bn1")]
+    depth = LAYERS.index(last_layer)
+    for index, (stage, width, stride) in enumerate(_STAGES):
+        if index + 1 > depth:
+            break
+        for block in (0, 1):
+            flax_block = f"{stage}_{block}"
+            torch_block = f"{stage}.{block}"
+            modules += [
+                (f"{torch_block}.conv1", f"{flax_block}/conv1"),
+                (f"{torch_block}.bn1", f"{flax_block}/bn1"),
+                (f"{torch_block}.conv2", f"{flax_block}/conv2"),
+                (f"{torch_block}.bn2", f"{flax_block}/bn2"),
+            ]
+            if block == 0 and stride != 1:
+                modules += [
+                    (f"{torch_block}.downsample.0", f"{flax_block}/downsample_conv"),
+                    (f"{torch_block}.downsample.1", f"{flax_block}/downsample_bn"),
+                ]
+    mapping = {}
+    for torch_name, flax_name in modules:
+        path = tuple(flax_name.split("/"))
+        if path[-1].startswith("conv") or path[-1] == "downsample_conv":
+            mapping[f"{torch_name}.weight"] = ("params", *path, "kernel")
+            mapping[f"{torch_name}.bias"] = ("params", *path, "bias")
+        else:
+            mapping[f"{torch_name}.weight"] = ("params", *path, "scale")
+            mapping[f"{torch_name}.bias"] = ("params", *path, "bias")
+            mapping[f"{torch_name}.running_mean"] = ("batch_stats", *path, "mean")
+            mapping[f"{torch_name}.running_var"] = ("batch_stats", *path, "var")
+    return mapping
+
+
+def _set_path(tree: dict, path: Sequence[str], value: np.ndarray) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get_path(tree: Mapping, path: Sequence[str]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def random_variables(key: jax.Array, last_layer: str = "layer3") -> dict:
+    """Initialise teacher variables at random (for tests and ablations only).
+
+    Batch-norm statistics stay at Flax's defaults (mean 0, variance 1).
+    """
+    model = ResNet18(last_layer=last_layer)
+    return model.init(key, jnp.zeros((1, 64, 64, 3), jnp.float32))
+
+
+def load_state_dict(state_dict: Mapping[str, ArrayLike], last_layer: str = "layer3") -> dict:
+    """Build teacher variables from a torchvision-layout ``state_dict``.
+
+    Both batch-norm layouts are accepted: separate batch-norm tensors, or batch
+    norm folded into each convolution's bias (then the batch norm is set to the
+    identity: scale 1, shift 0, mean 0, variance ``1 - eps``, so that
+    ``sqrt(var + eps) == 1``).
+
+    Args:
+      state_dict: Mapping from torchvision key (``'layer1.0.conv1.weight'``) to
+        an array. Convolution weights are OIHW. Keys of stages after
+        ``last_layer`` (and ``fc``) are ignored.
+      last_layer: Deepest stage to load.
+
+    Returns:
+      ``{'params': ..., 'batch_stats': ...}`` for ``ResNet18(last_layer).apply``.
+
+    Raises:
+      ValueError: listing every missing, unexpected or mis-shaped key at once.
+    """
+    if last_layer not in LAYERS:
+        raise ValueError(f"last_layer={last_layer!r} is not a teacher layer; use one of {LAYERS}.")
+    reference = jax.eval_shape(lambda: random_variables(jax.random.key(0), last_layer))
+    mapping = torchvision_key_map(last_layer)
+    stage_prefixes = tuple(f"{stage}." for stage, _, _ in _STAGES[LAYERS.index(last_layer):])
+    ignored_prefixes = stage_prefixes + ("layer4.", "fc.")
+
+    folded = any(
+        key.endswith(".bias") and (key.startswith("conv1") or ".conv" in key or "downsample.0" in key)
+        for key in state_dict
+    )
+    problems = []
+    variables: dict = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked") or key.startswith(ignored_prefixes):
+            continue
+        if key not in mapping:
+            problems.append(f"unexpected key {key!r} with shape {tuple(np.shape(value))}")
+            continue
+        array = np.asarray(value, dtype=np.float32)
+        path = mapping[key]
+        if path[-1] == "kernel":
+            if array.ndim != 4:
+                problems.append(f"key {key!r} must be a 4-D OIHW weight; got shape {array.shape}")
+                continue
+            array = array.transpose(2, 3, 1, 0)
+        expected = _get_path(reference, path).shape
+        if array.shape != tuple(expected):
+            problems.append(f"key {key!r} has shape {array.shape}; expected {tuple(expected)}")
+            continue
+        _set_path(variables, path, array)
+
+    for key, path in mapping.items():
+        if key in state_dict:
+            continue
+        is_conv_bias = path[-1] == "bias" and path[-2].endswith("conv")
+        is_bn = path[-2].startswith("bn") or path[-2] == "downsample_bn"
+        if is_conv_bias and not folded:
+            _set_path(variables, path, np.zeros(_get_path(reference, path).shape, np.float32))
+        elif is_bn and folded:
+            shape = _get_path(reference, path).shape
+            identity = {"scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 1.0 - BN_EPSILON}
+            _set_path(variables, path, np.full(shape, identity[path[-1]], np.float32))
+        else:
+            expected = tuple(_get_path(reference, path).shape)
+            problems.append(f"missing key {key!r} (expected shape {expected})")
+    if problems:
+        raise ValueError(
+            f"state_dict does not match ResNet-18 up to {last_layer} "
+            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
+    return jax.tree_util.tree_map(jnp.asarray, variables)
+
+
+def load_pretrained(path: str | os.PathLike, last_layer: str = "layer3") -> dict:
+    """Load teacher variables from a folder of per-key ``.npy`` files or a ``.npz``.
+
+    Args:
+      path: A folder with one ``<torchvision key>.npy`` per tensor (the layout
+        of an ONNX export with batch norm folded), or an ``.npz`` archive of
+        the same keys. Pickled objects are never loaded.
+      last_layer: Deepest stage to load.
+
+    Returns:
+      Variables for ``ResNet18(last_layer=last_layer).apply``.
+
+    Raises:
+      FileNotFoundError: if ``path`` does not exist.
+      ValueError: if the tensors do not match ResNet-18 (every offending key
+        is listed) or the file is not a weight archive.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"teacher weights not found at {path!r}; pass --teacher_weights=PATH "
+            "or set TSJAX_TEACHER_WEIGHTS to a folder of .npy files or an .npz file."
+        )
+    state_dict = {}
+    if os.path.isdir(path):
+        names = sorted(name for name in os.listdir(path) if name.endswith(".npy"))
+        if not names:
+            raise ValueError(f"no .npy files in teacher weight folder {path!r}.")
+        for name in names:
+            state_dict[name[: -len(".npy")]] = np.load(os.path.join(path, name), allow_pickle=False)
+    elif path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as archive:
+            state_dict = {key: archive[key] for key in archive.files}
+    else:
+        raise ValueError(
+            f"unsupported teacher weight file {path!r}; expected a folder of .npy files "
+            "or an .npz archive (convert other formats with python -m tsjax.convert)."
+        )
+    return load_state_dict(state_dict, last_layer)
+
+
+def variables_sha256(variables: Mapping) -> str:
+    """Hash teacher variables (paths, shapes and float32 bytes) to a hex SHA-256."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+    for key_path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        array = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        digest.update(jax.tree_util.keystr(key_path).encode())
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
