@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from tsjax.state_dict_io import read_state_dict, strip_key_prefixes
+
 __all__ = [
     "LAYERS",
     "LAYER_STRIDES",
@@ -240,6 +242,10 @@ def _get_path(tree: Mapping, path: Sequence[str]):
     return tree
 
 
+def _is_bn(path: Sequence[str]) -> bool:
+    return path[-2].startswith("bn") or path[-2] == "downsample_bn"
+
+
 def random_variables(key: jax.Array, last_layer: str = "layer3") -> dict:
     """Initialise teacher variables at random (for tests and ablations only).
 
@@ -253,27 +259,33 @@ def load_state_dict(state_dict: Mapping[str, ArrayLike], last_layer: str = "laye
     """Build teacher variables from a torchvision-layout ``state_dict``.
 
     Both batch-norm layouts are accepted: separate batch-norm tensors, or batch
-    norm folded into each convolution's bias (then the batch norm is set to the
-    identity: scale 1, shift 0, mean 0, variance ``1 - eps``, so that
-    ``sqrt(var + eps) == 1``).
+    norm folded into each convolution's bias (then each batch norm without
+    tensors is set to the identity: scale 1, shift 0, mean 0, variance
+    ``1 - eps``, so that ``sqrt(var + eps) == 1``). A batch norm with only some
+    of its four tensors is an error in either layout.
 
     Args:
       state_dict: Mapping from torchvision key (``'layer1.0.conv1.weight'``) to
-        an array. Convolution weights are OIHW. Keys of stages after
-        ``last_layer`` (and ``fc``) are ignored.
+        an array. Convolution weights are OIHW. The prefixes in
+        ``tsjax.state_dict_io.KEY_PREFIXES`` (``module.`` and the like) are
+        removed first. Keys of stages after ``last_layer``, of ``fc`` and
+        ``num_batches_tracked`` counters are ignored.
       last_layer: Deepest stage to load.
 
     Returns:
       ``{'params': ..., 'batch_stats': ...}`` for ``ResNet18(last_layer).apply``.
 
     Raises:
-      ValueError: listing every missing, unexpected or mis-shaped key at once.
+      ValueError: listing every missing, unexpected or mis-shaped key at once,
+        with its shape (OIHW for convolution weights), or if two keys
+        coincide once their prefixes are removed.
     """
     if last_layer not in LAYERS:
         raise ValueError(f"last_layer={last_layer!r} is not a teacher layer; use one of {LAYERS}.")
     reference = jax.eval_shape(lambda: random_variables(jax.random.key(0), last_layer))
     mapping = torchvision_key_map(last_layer)
     stage_prefixes = tuple(f"{stage}." for stage, _, _ in _STAGES[LAYERS.index(last_layer):])
+    state_dict = strip_key_prefixes(state_dict)
     ignored_prefixes = stage_prefixes + ("layer4.", "fc.")
 
     folded = any(
@@ -290,25 +302,29 @@ def load_state_dict(state_dict: Mapping[str, ArrayLike], last_layer: str = "laye
             continue
         array = np.asarray(value, dtype=np.float32)
         path = mapping[key]
+        expected = tuple(_get_path(reference, path).shape)
         if path[-1] == "kernel":
-            if array.ndim != 4:
-                problems.append(f"key {key!r} must be a 4-D OIHW weight; got shape {array.shape}")
+            # Compare in the checkpoint's OIHW layout so the message shows the
+            # shapes the user sees in torch.
+            expected = (expected[3], expected[2], expected[0], expected[1])
+            if array.shape != expected:
+                problems.append(f"key {key!r} has shape {array.shape}; expected {expected} (OIHW)")
                 continue
             array = array.transpose(2, 3, 1, 0)
-        expected = _get_path(reference, path).shape
-        if array.shape != tuple(expected):
-            problems.append(f"key {key!r} has shape {array.shape}; expected {tuple(expected)}")
+        elif array.shape != expected:
+            problems.append(f"key {key!r} has shape {array.shape}; expected {expected}")
             continue
         _set_path(variables, path, array)
 
+    # Batch norms with at least one tensor in the checkpoint; they must have all four.
+    present_bn = {path[:-1] for key, path in mapping.items() if key in state_dict and _is_bn(path)}
     for key, path in mapping.items():
         if key in state_dict:
             continue
         is_conv_bias = path[-1] == "bias" and path[-2].endswith("conv")
-        is_bn = path[-2].startswith("bn") or path[-2] == "downsample_bn"
         if is_conv_bias and not folded:
             _set_path(variables, path, np.zeros(_get_path(reference, path).shape, np.float32))
-        elif is_bn and folded:
+        elif _is_bn(path) and folded and path[:-1] not in present_bn:
             shape = _get_path(reference, path).shape
             identity = {"scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 1.0 - BN_EPSILON}
             _set_path(variables, path, np.full(shape, identity[path[-1]], np.float32))
@@ -324,12 +340,14 @@ def load_state_dict(state_dict: Mapping[str, ArrayLike], last_layer: str = "laye
 
 
 def load_pretrained(path: str | os.PathLike, last_layer: str = "layer3") -> dict:
-    """Load teacher variables from a folder of per-key ``.npy`` files or a ``.npz``.
+    """Load teacher variables from a checkpoint of torchvision-named tensors.
 
     Args:
       path: A folder with one ``<torchvision key>.npy`` per tensor (the layout
-        of an ONNX export with batch norm folded), or an ``.npz`` archive of
-        the same keys. Pickled objects are never loaded.
+        of an ONNX export with batch norm folded), an ``.npz`` or
+        ``.safetensors`` file of the same keys, or a ``torch.save`` ``.pth``/
+        ``.pt`` state dict (see ``tsjax.state_dict_io.read_state_dict``).
+        Pickled Python objects are never executed.
       last_layer: Deepest stage to load.
 
     Returns:
@@ -337,6 +355,8 @@ def load_pretrained(path: str | os.PathLike, last_layer: str = "layer3") -> dict
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
+      UnsafeCheckpointError: if a ``.pth`` pickle references a global that a
+        state dict does not need (a ``ValueError`` subclass).
       ValueError: if the tensors do not match ResNet-18 (every offending key
         is listed) or the file is not a weight archive.
     """
@@ -344,24 +364,10 @@ def load_pretrained(path: str | os.PathLike, last_layer: str = "layer3") -> dict
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"teacher weights not found at {path!r}; pass --teacher_weights=PATH "
-            "or set TSJAX_TEACHER_WEIGHTS to a folder of .npy files or an .npz file."
+            "or set TSJAX_TEACHER_WEIGHTS to a folder of .npy files, an .npz, a "
+            ".safetensors or a torch.save .pth file."
         )
-    state_dict = {}
-    if os.path.isdir(path):
-        names = sorted(name for name in os.listdir(path) if name.endswith(".npy"))
-        if not names:
-            raise ValueError(f"no .npy files in teacher weight folder {path!r}.")
-        for name in names:
-            state_dict[name[: -len(".npy")]] = np.load(os.path.join(path, name), allow_pickle=False)
-    elif path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as archive:
-            state_dict = {key: archive[key] for key in archive.files}
-    else:
-        raise ValueError(
-            f"unsupported teacher weight file {path!r}; expected a folder of .npy files "
-            "or an .npz archive (convert other formats with python -m tsjax.convert)."
-        )
-    return load_state_dict(state_dict, last_layer)
+    return load_state_dict(read_state_dict(path), last_layer)
 
 
 def variables_sha256(variables: Mapping) -> str:
