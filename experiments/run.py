@@ -1,0 +1,202 @@
+"""Detect defects in one reference/inspected pair.
+
+    python -m experiments.run --flagfile=experiments/case2.flags
+
+Flags become one ``DetectionConfig``; the library never reads ``FLAGS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from tsjax import io, pipeline, teacher
+from tsjax.config import DetectionConfig
+from tsjax.report import check_output_dir, write_detection
+from tsjax.students import STUDENTS, make_student
+
+_DEFAULTS = DetectionConfig()
+
+flags.DEFINE_string("reference", None, "Defect-free reference image (TIFF, PNG or JPEG).")
+flags.DEFINE_string("inspected", None, "Inspected image of the same pattern.")
+flags.DEFINE_string("output_dir", None, "Folder for the maps, figures and detections.json.")
+flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in --output_dir.")
+flags.DEFINE_string(
+    "teacher_weights",
+    None,
+    "Teacher weights: a folder of per-key .npy files or an .npz file. "
+    "Defaults to the TSJAX_TEACHER_WEIGHTS environment variable.",
+)
+flags.DEFINE_enum("student", "ridge", sorted(STUDENTS), "Student that predicts inspected features.")
+flags.DEFINE_list("layers", list(_DEFAULTS.layers), "Teacher layers to score: stem, layer1, layer2, layer3.")
+flags.DEFINE_list("layer_weights", None, "One weight per layer for the combined map (default: equal).")
+flags.DEFINE_integer("patch_size", _DEFAULTS.patch_size, "Odd side of the reference patch, in feature pixels.")
+flags.DEFINE_float("alpha", _DEFAULTS.alpha, "Ridge penalty relative to the mean feature variance.")
+flags.DEFINE_enum(
+    "normalization", _DEFAULTS.normalization, ["global", "pixel"], "Residual normalisation of the score."
+)
+flags.DEFINE_float("denoise_sigma", _DEFAULTS.denoise_sigma, "Gaussian sigma (px) on both images; 0 disables.")
+flags.DEFINE_float("map_sigma", _DEFAULTS.map_sigma, "Gaussian sigma (px) on the defect map; 0 disables.")
+flags.DEFINE_integer("valid_margin", None, "Erosion (px) of the overlap mask; default derives it from the layers.")
+flags.DEFINE_float("z_floor", _DEFAULTS.z_floor, "Minimum robust z-score of a defective pixel.")
+flags.DEFINE_float("min_score", _DEFAULTS.min_score, "Minimum D of a defective pixel, in [0, 1].")
+flags.DEFINE_integer("opening_radius", _DEFAULTS.opening_radius, "Disk radius (px) of the opening.")
+flags.DEFINE_integer("closing_radius", _DEFAULTS.closing_radius, "Disk radius (px) of the closing.")
+flags.DEFINE_integer("min_area", _DEFAULTS.min_area, "Smallest blob kept, in px.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of the PRNG key.")
+flags.DEFINE_list("train_reference", None, "Reference image(s) of defect-free pair(s) to fit the student on.")
+flags.DEFINE_list("train_inspected", None, "Inspected image(s) of the same defect-free pair(s).")
+flags.DEFINE_integer(
+    "train_augment", 0, "Extra copies of each training pair with random brightness and contrast."
+)
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> DetectionConfig:
+    """Build the frozen pipeline config from the parsed flags."""
+    weights = None
+    if FLAGS.layer_weights:
+        try:
+            weights = tuple(float(value) for value in FLAGS.layer_weights)
+        except ValueError as error:
+            raise app.UsageError(f"--layer_weights must be numbers; got {FLAGS.layer_weights}.") from error
+    return DetectionConfig(
+        layers=tuple(FLAGS.layers),
+        layer_weights=weights,
+        patch_size=FLAGS.patch_size,
+        alpha=FLAGS.alpha,
+        normalization=FLAGS.normalization,
+        denoise_sigma=FLAGS.denoise_sigma,
+        map_sigma=FLAGS.map_sigma,
+        valid_margin=FLAGS.valid_margin,
+        z_floor=FLAGS.z_floor,
+        min_score=FLAGS.min_score,
+        opening_radius=FLAGS.opening_radius,
+        closing_radius=FLAGS.closing_radius,
+        min_area=FLAGS.min_area,
+        seed=FLAGS.seed,
+    )
+
+
+def _run_flags() -> list:
+    # absl files flags under the defining module's name, which is __main__
+    # under ``python -m``; the module that defines --reference is this one.
+    for module_flags in FLAGS.flags_by_module_dict().values():
+        if any(flag.name == "reference" for flag in module_flags):
+            return module_flags
+    return []
+
+
+def _teacher_path() -> str:
+    path = FLAGS.teacher_weights or os.environ.get("TSJAX_TEACHER_WEIGHTS")
+    if not path:
+        raise app.UsageError(
+            "no teacher weights given; pass --teacher_weights=PATH or set TSJAX_TEACHER_WEIGHTS."
+        )
+    return path
+
+
+def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
+    references = FLAGS.train_reference or []
+    inspected = FLAGS.train_inspected or []
+    if len(references) != len(inspected):
+        raise app.UsageError(
+            f"--train_reference has {len(references)} image(s) but --train_inspected has "
+            f"{len(inspected)}; give one inspected image per reference."
+        )
+    aligned, targets, valids = [], [], []
+    shape = None
+    for ref_path, insp_path in zip(references, inspected):
+        ref_image, insp_image = io.load_image(ref_path), io.load_image(insp_path)
+        if shape is not None and insp_image.shape != shape:
+            raise app.UsageError(
+                f"training pairs must share one size; {insp_path} is {insp_image.shape}, "
+                f"the first pair is {shape}."
+            )
+        shape = insp_image.shape
+        ref_image, covered = pipeline.match_reference_shape(ref_image, insp_image.shape)
+        detection_free = pipeline.align_pair(ref_image, insp_image)
+        aligned.append(detection_free.aligned_reference)
+        targets.append(insp_image)
+        valids.append(detection_free.valid)
+    key = jax.random.key(config.seed)
+    augment_key, fit_key = jax.random.split(key)
+    if FLAGS.train_augment > 0:
+        base_refs, base_insp, base_valid = list(aligned), list(targets), list(valids)
+        for copy in range(FLAGS.train_augment):
+            copy_key = jax.random.fold_in(augment_key, copy)
+            aligned += list(pipeline.augment_brightness_contrast(np.stack(base_refs), jax.random.fold_in(copy_key, 0)))
+            targets += list(pipeline.augment_brightness_contrast(np.stack(base_insp), jax.random.fold_in(copy_key, 1)))
+            valids += base_valid
+    return pipeline.fit_students(student, variables, aligned, targets, valids, config.layers, fit_key)
+
+
+def main(argv):
+    del argv
+    for name in ("reference", "inspected", "output_dir"):
+        if not getattr(FLAGS, name):
+            raise app.UsageError(f"--{name} is required.")
+    config = config_from_flags()
+    logging.info("JAX devices: %s", jax.devices())
+    check_output_dir(FLAGS.output_dir, overwrite=FLAGS.overwrite)
+
+    start = time.perf_counter()
+    reference = io.load_image(FLAGS.reference)
+    inspected = io.load_image(FLAGS.inspected)
+    load_time = time.perf_counter() - start
+    logging.info("load: reference %s, inspected %s in %.2f s", reference.shape, inspected.shape, load_time)
+
+    start = time.perf_counter()
+    weights_path = _teacher_path()
+    variables = teacher.load_pretrained(weights_path, last_layer=config.deepest_layer)
+    teacher_sha = teacher.variables_sha256(variables)
+    load_teacher_time = time.perf_counter() - start
+    logging.info("teacher weights: %s (sha256 %s) in %.2f s", weights_path, teacher_sha[:12], load_teacher_time)
+
+    student = make_student(FLAGS.student, patch_size=config.patch_size, alpha=config.alpha)
+    states = None
+    train_time = 0.0
+    if FLAGS.train_reference or FLAGS.train_inspected:
+        start = time.perf_counter()
+        states = _fit_on_training_pairs(student, variables, config)
+        train_time = time.perf_counter() - start
+        logging.info("student: fitted on %d training pair(s) in %.2f s", len(FLAGS.train_reference), train_time)
+
+    detection = pipeline.detect(reference, inspected, variables, config, student=student, states=states)
+    summary = detection.alignment.summary()
+    logging.info(
+        "align: shift (dy, dx) = (%.2f, %.2f) by %s, correlation %.3f, in %.2f s",
+        *summary["shift"], summary["estimator"], summary["correlation"], detection.timings_s["align"],
+    )
+    logging.info("teacher: layers %s in %.2f s", ",".join(config.layers), detection.timings_s["teacher"])
+    logging.info("student fit (%s): %.2f s", student.name, detection.timings_s["student_fit"])
+    logging.info("score: %.2f s", detection.timings_s["score"])
+    logging.info(
+        "postprocess: threshold %.3f, %d blob(s) in %.2f s",
+        detection.threshold.value, len(detection.blobs), detection.timings_s["postprocess"],
+    )
+
+    start = time.perf_counter()
+    flag_values = {flag.name: flag.value for flag in _run_flags()}
+    extra = {
+        "teacher": {"path": weights_path, "sha256": teacher_sha},
+        "student": student.name,
+        "pipeline_config": dataclasses.asdict(config),
+        "timings_s": {"load": load_time, "load_teacher": load_teacher_time, "student_train": train_time},
+    }
+    write_detection(FLAGS.output_dir, inspected, detection, flag_values, extra)
+    logging.info("write: %s in %.2f s", FLAGS.output_dir, time.perf_counter() - start)
+    for blob in detection.blobs:
+        logging.info(
+            "blob %d: x=%.1f y=%.1f area=%d score_max=%.3f", blob["id"], blob["x"], blob["y"], blob["area"], blob["score_max"]
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

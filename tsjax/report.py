@@ -1,0 +1,130 @@
+"""Writing a detection to disk: maps, figures and a JSON record."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # Figures are written to files; no display is needed.
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from skimage import measure  # noqa: E402
+
+from tsjax.pipeline import Detection  # noqa: E402
+
+__all__ = ["OUTPUT_FILES", "check_output_dir", "write_detection"]
+
+# Files that a run writes besides the per-layer heatmaps ``r2_<layer>.png``.
+OUTPUT_FILES = ("defect_map.png", "defect_map.npy", "mask.png", "overlay.png", "detections.json")
+
+
+def check_output_dir(output_dir: str, *, overwrite: bool) -> None:
+    """Create ``output_dir``, or reject it if it already holds a run's results.
+
+    Raises:
+      FileExistsError: if ``detections.json`` exists there and ``overwrite``
+        is false.
+    """
+    existing = os.path.join(output_dir, "detections.json")
+    if os.path.exists(existing) and not overwrite:
+        raise FileExistsError(
+            f"{output_dir!r} already contains the results of a run ({existing}); "
+            "choose another --output_dir or pass --overwrite to replace them."
+        )
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def _save_heatmap(path: str, values: np.ndarray, valid: np.ndarray, title: str, vmin: float, vmax: float) -> None:
+    figure, axis = plt.subplots(figsize=(6, 6 * values.shape[0] / values.shape[1] + 0.6))
+    shown = np.ma.masked_where(~valid, values)
+    image = axis.imshow(shown, cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
+    axis.set_title(title)
+    axis.set_axis_off()
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def _save_overlay(path: str, inspected: np.ndarray, detection: Detection) -> None:
+    figure, axis = plt.subplots(figsize=(8, 8 * inspected.shape[0] / inspected.shape[1]))
+    axis.imshow(inspected, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    labels = measure.label(detection.mask, connectivity=2)
+    for contour in measure.find_contours(labels > 0, 0.5):
+        axis.plot(contour[:, 1], contour[:, 0], color="red", linewidth=1.2)
+    for blob in detection.blobs:
+        x0, y0, x1, y1 = blob["bbox"]
+        axis.text(
+            x1 + 2, y0, str(blob["id"]), color="yellow", fontsize=11, fontweight="bold", va="top"
+        )
+    invalid = np.ma.masked_where(detection.valid, np.ones(inspected.shape))
+    axis.imshow(invalid, cmap="Blues", alpha=0.25, vmin=0, vmax=1)
+    axis.set_title(f"{len(detection.blobs)} blob(s); shaded: outside the aligned overlap")
+    axis.set_axis_off()
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def write_detection(
+    output_dir: str,
+    inspected: np.ndarray,
+    detection: Detection,
+    config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write the maps, figures and ``detections.json`` of one run.
+
+    Files: ``r2_<layer>.png`` (per-layer ``R^2 = 1 - D``), ``defect_map.png``
+    and ``defect_map.npy`` (``[H, W]`` float32), ``mask.png``, ``overlay.png``
+    (inspected image with numbered blob outlines) and ``detections.json``.
+
+    Args:
+      output_dir: Existing folder (see ``check_output_dir``).
+      inspected: ``[H, W]`` inspected image in [0, 1].
+      detection: The result of ``tsjax.pipeline.detect``.
+      config: Every setting of the run, recorded in the JSON.
+      extra: More JSON-serialisable fields to record (teacher weights,
+        timings of stages outside ``detect``).
+
+    Returns:
+      The dict written to ``detections.json``.
+    """
+    for layer, layer_map in detection.layer_maps.items():
+        _save_heatmap(
+            os.path.join(output_dir, f"r2_{layer}.png"),
+            1.0 - layer_map,
+            detection.valid,
+            f"R² of the student prediction, {layer}",
+            0.0,
+            1.0,
+        )
+    _save_heatmap(
+        os.path.join(output_dir, "defect_map.png"),
+        detection.defect_map,
+        detection.valid,
+        f"defect map D (threshold {detection.threshold.value:.3f})",
+        0.0,
+        1.0,
+    )
+    np.save(os.path.join(output_dir, "defect_map.npy"), detection.defect_map)
+    plt.imsave(os.path.join(output_dir, "mask.png"), detection.mask.astype(np.uint8) * 255, cmap="gray", vmin=0, vmax=255)
+    _save_overlay(os.path.join(output_dir, "overlay.png"), inspected, detection)
+
+    record = {
+        "shift": [float(value) for value in detection.alignment.shift],
+        "alignment": detection.alignment.summary(),
+        "threshold": detection.threshold.summary(),
+        "blobs": detection.blobs,
+        "config": dict(config),
+        "timings_s": dict(detection.timings_s),
+    }
+    for key, value in (extra or {}).items():
+        if key == "timings_s":
+            record["timings_s"].update(value)
+        else:
+            record[key] = value
+    with open(os.path.join(output_dir, "detections.json"), "w") as handle:
+        json.dump(record, handle, indent=2)
+    return record
