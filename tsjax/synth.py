@@ -58,9 +58,18 @@ DEFECT_KINDS = (
 )
 
 # Signed distances are only evaluated this far (px) around each rectangle.
-# Past it every term of the intensity profile has decayed below 0.003, so a
-# truncated distance changes no pixel visibly.
+# With the default profile settings every term of the intensity profile has
+# decayed below 0.002 at this distance, so truncating it changes no pixel
+# visibly.
 _SDF_PAD_PX = 24.0
+
+# A defect whose largest intensity change after clipping stays below this
+# is dropped, because no pixel of the noise-free image shows it.
+_MIN_VISIBLE_CHANGE = 1e-3
+
+# Gap (px) between a defect's extent and the edge of the region that both
+# images show.
+_DEFECT_MARGIN_PX = 3.0
 
 # Placement attempts per defect before falling back to a particle or pit.
 _MAX_PLACEMENT_TRIES = 60
@@ -95,14 +104,14 @@ class SynthConfig:
 
     Intensities are in [0, 1] image units and lengths in pixels. A (min, max)
     pair means a value drawn uniformly from that interval for each pair,
-    except where a field says log-uniform.
+    unless the field is documented as log-uniform.
 
     Attributes:
       height_range: Image height H, drawn as an integer in [min, max].
       width_range: Image width W, drawn independently of H.
-      shift_range_px: Magnitude of each shift component; dy and dx each get a
+      shift_range_px: Magnitude of each shift component. dy and dx each get a
         random sign and a continuous (sub-pixel) value.
-      min_cell_px: Smallest side of a layout cell; each cell holds one pattern.
+      min_cell_px: Smallest side of a layout cell, which contains one pattern.
       trench_width_range_px: Width of dark trenches and gaps between fingers.
       line_width_range_px: Width of gray lines between trenches and of comb
         fingers.
@@ -120,8 +129,8 @@ class SynthConfig:
       halo_length_px: Exponential decay length of that brightening.
       gain_range: Contrast factor applied to the inspected image only.
       offset_range: Brightness offset added to the inspected image only.
-      photons_per_unit: Mean Poisson count per unit intensity; None disables
-        shot noise.
+      photons_per_unit: Mean Poisson count per unit intensity, or None to
+        disable shot noise.
       gaussian_noise_std: Standard deviation of additive Gaussian noise,
         before blurring. With the default blur, the default noise gives a
         standard deviation of about 0.03 on flat regions.
@@ -184,7 +193,11 @@ class SynthConfig:
         _check_range("rim_peak_range", self.rim_peak_range, 0.0, 1.0)
         _check_range("gain_range", self.gain_range, 0.01, 100.0)
         _check_range("offset_range", self.offset_range, -1.0, 1.0)
-        _check_range("blur_sigma_px", tuple(sorted(self.blur_sigma_px)), 0.0, 100.0)
+        if len(self.blur_sigma_px) != 2 or min(self.blur_sigma_px) < 0:
+            raise ValueError(
+                f"SynthConfig.blur_sigma_px={self.blur_sigma_px!r} is invalid: "
+                "use a (row, column) pair of sigmas >= 0."
+            )
         _check_range("defect_size_range_px", self.defect_size_range_px, 1.0, 1024.0)
         _check_range("defect_contrast_range", self.defect_contrast_range, 1e-4, 1.0)
         self._check_scalars()
@@ -250,11 +263,6 @@ class SynthConfig:
             )
 
 
-# Gap (px) between a defect's extent and the edge of the region that both
-# images show.
-_DEFECT_MARGIN_PX = 3.0
-
-
 class SyntheticPair(NamedTuple):
     """One synthetic reference/inspected pair with its ground truth.
 
@@ -262,11 +270,12 @@ class SyntheticPair(NamedTuple):
       reference: [H, W] float32 in [0, 1], the defect-free reference image.
       inspected: [H, W] float32 in [0, 1], the inspected image.
       defect_mask: [H, W] bool, True on defect pixels of the inspected image.
-      defects: One dict per planted defect, with keys "x" and "y" (float
-        centre column and row in the inspected image), "kind" (one of
-        `DEFECT_KINDS`), "size_px" (int nominal size) and "contrast" (float
-        signed peak intensity change in the noise-free inspected image,
-        positive for brighter). Empty for a defect-free pair.
+      defects: One dict per planted defect, empty for a defect-free pair.
+        Keys "x" and "y" are the float column and row of the centroid of the
+        defect's mask in the inspected image. "kind" is one of
+        `DEFECT_KINDS` and "size_px" the int nominal size. "contrast" is the
+        float signed peak intensity change in the noise-free inspected image
+        after gain, offset and clipping, positive for brighter.
       shift: (dy, dx) in px: inspected(y, x) ≈ reference(y - dy, x - dx).
       gain: Contrast factor applied to the inspected image.
       offset: Brightness offset added to the inspected image after the gain.
@@ -280,6 +289,9 @@ class SyntheticPair(NamedTuple):
     gain: float
     offset: float
 
+
+# An axis-aligned box in world coordinates: (y0, x0, y1, x1) in px.
+_Box = tuple[float, float, float, float]
 
 # A rectangle in world coordinates: (y0, x0, y1, x1, corner_radius), with
 # y0 < y1 and x0 < x1 in px. The corner radius rounds all four corners.
@@ -314,7 +326,6 @@ class _Levels(NamedTuple):
     rim_peak: float
 
 
-# ---------------------------------------------------------------------------
 # Signed distance field of the dark region.
 
 
@@ -429,24 +440,21 @@ def _intensity(sdf: np.ndarray, levels: _Levels, config: SynthConfig) -> np.ndar
     return base + rim + halo
 
 
-# ---------------------------------------------------------------------------
 # Layout generation (world coordinates).
 
 
-def _split_cells(
-    rng: np.random.Generator, box: tuple[float, float, float, float], min_cell: float, depth: int
-) -> list[tuple[float, float, float, float]]:
+def _split_cells(rng: np.random.Generator, box: _Box, min_cell: float, depth: int) -> list[_Box]:
     """Split a box recursively (guillotine cuts) into cells of at least `min_cell` px."""
     y0, x0, y1, x1 = box
     height, width = y1 - y0, x1 - x0
-    can_split = max(height, width) >= 2 * min_cell
-    if depth >= 4 or not can_split or (depth >= 1 and rng.random() < 0.2):
+    can_split_rows = height >= 2 * min_cell
+    can_split_cols = width >= 2 * min_cell
+    if depth >= 4 or not (can_split_rows or can_split_cols) or (depth >= 1 and rng.random() < 0.2):
         return [box]
-    split_rows = height >= width if min(height, width) < 2 * min_cell else rng.random() < 0.5
-    if split_rows and height < 2 * min_cell:
-        split_rows = False
-    if not split_rows and width < 2 * min_cell:
-        split_rows = True
+    if can_split_rows and can_split_cols:
+        split_rows = bool(rng.random() < 0.5)
+    else:
+        split_rows = can_split_rows
     if split_rows:
         cut = y0 + rng.uniform(min_cell, height - min_cell)
         halves = [(y0, x0, cut, x1), (cut, x0, y1, x1)]
@@ -463,14 +471,14 @@ def _oriented_rect(horizontal: bool, along0: float, along1: float, across0: floa
     return (along0, across0, along1, across1, radius)
 
 
-def _cell_extents(cell, horizontal: bool) -> tuple[float, float, float, float]:
+def _cell_extents(cell: _Box, horizontal: bool) -> tuple[float, float, float, float]:
     """Return (along0, along1, across0, across1) of a cell for a line direction."""
     y0, x0, y1, x1 = cell
     return (x0, x1, y0, y1) if horizontal else (y0, y1, x0, x1)
 
 
-def _add_lines(rng, cell, config: SynthConfig, layout: _Layout) -> None:
-    """Parallel trenches across the cell, some ending or broken inside it."""
+def _add_lines(rng: np.random.Generator, cell: _Box, config: SynthConfig, layout: _Layout) -> None:
+    """Add parallel trenches across the cell, some ending or broken inside it."""
     horizontal = bool(rng.random() < 0.5)
     along0, along1, across0, across1 = _cell_extents(cell, horizontal)
     trench = rng.uniform(*config.trench_width_range_px)
@@ -507,12 +515,13 @@ def _add_lines(rng, cell, config: SynthConfig, layout: _Layout) -> None:
         position += trench + line
 
 
-def _add_comb(rng, cell, config: SynthConfig, layout: _Layout) -> None:
-    """A dark box with gray fingers entering from one side."""
+def _add_comb(rng: np.random.Generator, cell: _Box, config: SynthConfig, layout: _Layout) -> None:
+    """Add a dark box with gray fingers entering from one side."""
     y0, x0, y1, x1 = cell
     box = (y0, x0, y1, x1, 4.0)
     layout.ops.append((1, box))
     layout.dark_rects.append(box)
+
     horizontal = bool(rng.random() < 0.5)  # fingers run along x
     from_low_side = bool(rng.random() < 0.5)
     along0, along1, across0, across1 = _cell_extents(cell, horizontal)
@@ -526,12 +535,14 @@ def _add_comb(rng, cell, config: SynthConfig, layout: _Layout) -> None:
     # gap between cells (at least 12 px), so it cannot cut a neighbouring
     # pattern.
     overhang = 0.5 * finger + 1.0
+
     if from_low_side:
         start, end = along0 - overhang, along0 + length
         visible = (along0, along0 + length)
     else:
         start, end = along1 - length, along1 + overhang
         visible = (along1 - length, along1)
+
     position = across0 + gap
     while position + finger + gap <= across1:
         rect = _oriented_rect(horizontal, start, end, position, position + finger, 0.5 * finger)
@@ -546,8 +557,8 @@ def _add_comb(rng, cell, config: SynthConfig, layout: _Layout) -> None:
         position += finger + gap
 
 
-def _add_l_shapes(rng, cell, config: SynthConfig, layout: _Layout) -> None:
-    """Nested L-shaped trenches sharing one corner direction."""
+def _add_l_shapes(rng: np.random.Generator, cell: _Box, config: SynthConfig, layout: _Layout) -> None:
+    """Add nested L-shaped trenches that share one corner direction."""
     y0, x0, y1, x1 = cell
     trench = rng.uniform(*config.trench_width_range_px)
     pitch = trench + rng.uniform(*config.line_width_range_px)
@@ -574,8 +585,8 @@ def _add_l_shapes(rng, cell, config: SynthConfig, layout: _Layout) -> None:
             layout.trench_segments.append(_Segment(rect, horizontal))
 
 
-def _add_pad(rng, cell, layout: _Layout) -> None:
-    """A large dark area with slightly rounded corners."""
+def _add_pad(rng: np.random.Generator, cell: _Box, layout: _Layout) -> None:
+    """Add a large dark area with slightly rounded corners."""
     y0, x0, y1, x1 = cell
     shrink_y = rng.uniform(0.0, 0.25) * (y1 - y0)
     shrink_x = rng.uniform(0.0, 0.25) * (x1 - x0)
@@ -584,7 +595,7 @@ def _add_pad(rng, cell, layout: _Layout) -> None:
     layout.dark_rects.append(rect)
 
 
-def _make_layout(rng: np.random.Generator, world: tuple[float, float, float, float], config: SynthConfig) -> _Layout:
+def _make_layout(rng: np.random.Generator, world: _Box, config: SynthConfig) -> _Layout:
     layout = _Layout(ops=[], trench_segments=[], gray_segments=[], dark_rects=[])
     for cell in _split_cells(rng, world, float(config.min_cell_px), depth=0):
         # A gray margin around each cell keeps neighbouring patterns apart.
@@ -604,12 +615,11 @@ def _make_layout(rng: np.random.Generator, world: tuple[float, float, float, flo
     return layout
 
 
-# ---------------------------------------------------------------------------
 # Defects (inspected-image coordinates unless noted).
 
 
 class _Scene(NamedTuple):
-    """What defect planting needs to know about one inspected image."""
+    """Inputs of defect planting: one inspected image and its layout."""
 
     layout: _Layout
     shape: tuple[int, int]
@@ -624,6 +634,8 @@ class _Planted(NamedTuple):
     kind: str
     size_px: int
     diff: np.ndarray  # [H, W] intensity change before gain and offset
+    centre: tuple[float, float]  # (y, x) in the inspected image
+    radius: float  # Half the larger side of the changed area, in px.
 
 
 def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
@@ -652,7 +664,9 @@ def _far_from(planted_centres: list[tuple[float, float, float]], y: float, x: fl
     )
 
 
-def _blob_diff(scene: _Scene, y: float, x: float, size_px: int, amplitude: float, rng) -> np.ndarray:
+def _blob_diff(
+    scene: _Scene, y: float, x: float, size_px: int, amplitude: float, rng: np.random.Generator
+) -> np.ndarray:
     """Return a soft elliptical spot of peak `amplitude` centred at (y, x)."""
     radius = 0.5 * size_px
     aspect = rng.uniform(0.7, 1.0)
@@ -664,17 +678,27 @@ def _blob_diff(scene: _Scene, y: float, x: float, size_px: int, amplitude: float
     distance = np.hypot(along, across / aspect)
     # Logistic fall-off over about half a pixel, so a 2 px spot still peaks
     # near its full amplitude.
-    profile = 0.5 * (1.0 + np.tanh((radius - distance) / 1.0))
+    profile = 0.5 * (1.0 + np.tanh(radius - distance))
     return amplitude * profile
+
+
+class _Candidate(NamedTuple):
+    """A proposed geometric defect: one layout op, in world coordinates."""
+
+    sign: int  # +1 adds the rect to the dark region, -1 removes it.
+    rect: _Rect
+    centre_y: float
+    centre_x: float
+    radius: float  # Half the larger side of the changed area, in px.
 
 
 def _geometric_op(
     rng: np.random.Generator, kind: str, layout: _Layout, size_px: int
-) -> tuple[int, _Rect, float, float] | None:
-    """Draw a candidate op for a geometric defect, in world coordinates.
+) -> _Candidate | None:
+    """Draw a candidate op for a geometric defect.
 
-    Returns (sign, rect, centre_y, centre_x) or None when the layout has no
-    place for this kind.
+    Returns None when the drawn line or edge is too short for a defect of
+    this size.
     """
     half = 0.5 * size_px
     if kind in ("bridge", "missing_segment"):
@@ -696,7 +720,7 @@ def _geometric_op(
         sign = -1 if kind == "bridge" else 1
         middle = 0.5 * (across0 + across1)
         centre_y, centre_x = (middle, centre) if segment.horizontal else (centre, middle)
-        return sign, rect, centre_y, centre_x
+        return _Candidate(sign, rect, centre_y, centre_x, max(half, 0.5 * width + 2.0))
     if kind == "edge_bump":
         if not layout.dark_rects:
             return None
@@ -715,8 +739,8 @@ def _geometric_op(
         # +1 grows the trench into the surface, -1 grows the surface into the trench.
         sign = 1 if rng.random() < 0.5 else -1
         rect = (centre_y - half, centre_x - half, centre_y + half, centre_x + half, half)
-        return sign, rect, centre_y, centre_x
-    raise ValueError(f"Unknown geometric defect kind {kind!r}; use one of {DEFECT_KINDS}.")
+        return _Candidate(sign, rect, centre_y, centre_x, half)
+    raise ValueError(f"Invalid geometric defect kind {kind!r}: use bridge, missing_segment or edge_bump.")
 
 
 def _geometric_diff(scene: _Scene, sign: int, rect: _Rect, magnitude: float, config: SynthConfig) -> np.ndarray:
@@ -729,8 +753,8 @@ def _geometric_diff(scene: _Scene, sign: int, rect: _Rect, magnitude: float, con
     peak = float(np.max(np.abs(full)))
     if peak == 0.0:
         return full
-    # Scale the change so its peak equals `magnitude`, as for spots; a faint
-    # geometric defect reads as a partial bridge or a thin residue.
+    # Scale the change so its peak equals `magnitude`, as for spots. A faint
+    # geometric defect then looks like a partial bridge or a thin residue.
     return min(1.0, magnitude / peak) * full
 
 
@@ -753,26 +777,27 @@ def _try_plant(
             if not (_inside_shared_view(scene, y, x, radius) and _far_from(planted_centres, y, x, radius)):
                 continue
             amplitude = magnitude if kind == "bright_particle" else -magnitude
-            return _Planted(kind, size_px, _blob_diff(scene, y, x, size_px, amplitude, rng))
+            diff = _blob_diff(scene, y, x, size_px, amplitude, rng)
+            return _Planted(kind, size_px, diff, (y, x), radius)
 
         candidate = _geometric_op(rng, kind, scene.layout, size_px)
         if candidate is None:
-            return None
-        sign, rect, world_y, world_x = candidate
-        y, x = world_y + dy, world_x + dx
-        if not (_inside_shared_view(scene, y, x, radius) and _far_from(planted_centres, y, x, radius)):
+            continue
+        y, x = candidate.centre_y + dy, candidate.centre_x + dx
+        extent = candidate.radius
+        if not (_inside_shared_view(scene, y, x, extent) and _far_from(planted_centres, y, x, extent)):
             continue
         # The op must land on the feature it is meant to change, e.g. a
         # bridge on a trench that no finger or neighbour already covers.
-        level = _sdf_at_point(scene.layout.ops, world_y, world_x)
+        level = _sdf_at_point(scene.layout.ops, candidate.centre_y, candidate.centre_x)
         if (kind == "bridge" and level > -1.0) or (kind == "missing_segment" and level < 1.0):
             continue
         if kind == "edge_bump" and abs(level) > 1.0:
             continue
-        diff = _geometric_diff(scene, sign, rect, magnitude, config)
+        diff = _geometric_diff(scene, candidate.sign, candidate.rect, magnitude, config)
         if np.max(np.abs(diff)) < 0.5 * magnitude:
             continue
-        return _Planted(kind, size_px, diff)
+        return _Planted(kind, size_px, diff, (y, x), extent)
     return None
 
 
@@ -794,18 +819,16 @@ def _plant_defects(rng: np.random.Generator, scene: _Scene, config: SynthConfig)
             result = _try_plant(rng, scene, fallback, size_px, magnitude, centres, config)
         if result is None:
             continue
-        peak = np.unravel_index(np.argmax(np.abs(result.diff)), result.diff.shape)
-        centres.append((float(peak[0]), float(peak[1]), 0.5 * size_px))
+        centres.append((*result.centre, result.radius))
         planted.append(result)
     return planted
 
 
-# ---------------------------------------------------------------------------
 # Imaging and the public API.
 
 
 def _acquire(clean: np.ndarray, rng: np.random.Generator, config: SynthConfig) -> np.ndarray:
-    """Add shot and read noise, blur by the beam, and quantise range to [0, 1]."""
+    """Add shot and read noise, blur by the beam, and clip to [0, 1]."""
     signal = np.clip(clean, 0.0, 1.0)
     if config.photons_per_unit is not None:
         signal = rng.poisson(signal * config.photons_per_unit) / config.photons_per_unit
@@ -903,22 +926,27 @@ def make_pair(seed: int, config: SynthConfig = SynthConfig()) -> SyntheticPair:
     scene = _Scene(layout, shape, shift, inspected_sdf, inspected_roughness, inspected_clean, levels)
     planted = _plant_defects(np.random.default_rng(defect_seq), scene, config)
 
-    with_defects = inspected_clean + sum((item.diff for item in planted), np.zeros(shape))
     observed_clean = np.clip(gain * inspected_clean + offset, 0.0, 1.0)
-    observed = np.clip(gain * with_defects + offset, 0.0, 1.0)
-    change = observed - observed_clean
-
+    observed = observed_clean.copy()
     defect_mask = np.zeros(shape, dtype=bool)
     defects = []
     for item in planted:
-        magnitude = np.abs(item.diff)
+        # Measure each defect after gain and clipping, because a spot on a
+        # saturated rim changes fewer pixels than it was drawn on.
+        change = np.clip(gain * (inspected_clean + item.diff) + offset, 0.0, 1.0) - observed_clean
+        magnitude = np.abs(change)
+        if magnitude.max() < _MIN_VISIBLE_CHANGE:
+            continue
         mask = magnitude >= config.mask_fraction * magnitude.max()
+        # Defects are planted at least 6 px apart, so their changes barely
+        # overlap and can be summed.
+        observed += change
         defect_mask |= mask
         defects.append(_describe(item, mask, change))
 
     return SyntheticPair(
         reference=_acquire(reference_clean, np.random.default_rng(reference_seq), config),
-        inspected=_acquire(observed, np.random.default_rng(inspected_seq), config),
+        inspected=_acquire(np.clip(observed, 0.0, 1.0), np.random.default_rng(inspected_seq), config),
         defect_mask=defect_mask,
         defects=defects,
         shift=shift,
@@ -960,11 +988,13 @@ def _is_generated_file(filename: str) -> bool:
 def _prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> str:
     path = os.fspath(output_dir)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"Output path {path!r} exists and is not a directory; choose another output_dir.")
+        raise FileExistsError(
+            f"Output path {path!r} exists and is not a directory: choose another output_dir."
+        )
     if os.path.isdir(path) and os.listdir(path):
         if not overwrite:
             raise FileExistsError(
-                f"Output directory {path!r} is not empty; pass overwrite=True "
+                f"Output directory {path!r} is not empty: pass overwrite=True "
                 "(--overwrite in experiments.make_synthetic) to replace its dataset, "
                 "or choose another output_dir."
             )
@@ -975,6 +1005,14 @@ def _prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> str:
                 os.remove(os.path.join(path, filename))
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _config_as_json(config: SynthConfig) -> dict[str, Any]:
+    """Return the config as JSON types, tuples as lists, as json.load returns them."""
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in dataclasses.asdict(config).items()
+    }
 
 
 def _case_entry(name: str, pair: SyntheticPair, seed: int) -> dict[str, Any]:
@@ -1008,7 +1046,7 @@ def write_dataset(
     For each case `<name>` (`name_prefix` plus a zero-padded index) it writes
     `<name>_reference_image.tif` and `<name>_inspected_image.tif` (8-bit
     grayscale TIFF) and `<name>_mask.png` (0 or 255, in inspected-image
-    coordinates), then one `defects.json` for all cases. Each case entry holds
+    coordinates), then one `defects.json` for all cases. Each case entry has
     "reference", "inspected" and "defects" (a list of {"x", "y"} integer
     pixels, x the column and y the row in the inspected image) as in the real
     data, plus "mask", "shift" ([dy, dx] px, with
@@ -1019,11 +1057,13 @@ def write_dataset(
     Args:
       output_dir: Directory to create or fill.
       num_pairs: Number of pairs, >= 1.
-      seed: Non-negative int; pair i uses `pair_seed(seed, i)`.
+      seed: Non-negative int. Pair i uses `pair_seed(seed, i)`.
       config: Generator settings.
       overwrite: Replace an existing dataset in a non-empty `output_dir`.
-        Only files with the names above are removed first; other files stay.
-      name_prefix: Prefix of each case name; letters, digits, "-" and "_".
+        Only files with the names above are removed first, and other files
+        stay.
+      name_prefix: Prefix of each case name, made of letters, digits, "-"
+        and "_".
       on_pair_written: Called with the case name after each pair is written,
         e.g. to advance a progress bar.
 
@@ -1065,7 +1105,7 @@ def write_dataset(
     index_data = {
         "coordinate_system": _COORDINATE_SYSTEM,
         "shift_convention": "shift = [dy, dx] px; inspected(y, x) = reference(y - dy, x - dx)",
-        "generator": {"module": __name__, "seed": seed, "config": dataclasses.asdict(config)},
+        "generator": {"module": __name__, "seed": seed, "config": _config_as_json(config)},
         "cases": cases,
     }
     with open(os.path.join(path, _INDEX_NAME), "w", encoding="utf-8") as handle:
