@@ -29,6 +29,8 @@ from tsjax.teacher import LAYER_STRIDES, ResNet18, preprocess
 __all__ = [
     "Detection",
     "match_reference_shape",
+    "align_and_mask",
+    "segment",
     "extract_features",
     "feature_valid",
     "fit_students",
@@ -84,6 +86,49 @@ def match_reference_shape(reference: np.ndarray, inspected_shape: tuple[int, int
     pad = ((0, height - cropped.shape[0]), (0, width - cropped.shape[1]))
     covered = np.pad(np.ones(cropped.shape, bool), pad, constant_values=False)
     return np.pad(cropped, pad, mode="edge"), covered
+
+
+def align_and_mask(reference: np.ndarray, inspected: np.ndarray, margin: int) -> tuple[Alignment, np.ndarray]:
+    """Align the reference onto the inspected image and build the eroded overlap mask.
+
+    Args:
+      reference: ``[H', W']`` float32, cropped or padded to the inspected shape.
+      inspected: ``[H, W]`` float32.
+      margin: Erosion of the overlap mask, in px.
+
+    Returns:
+      ``(alignment, valid)`` with ``valid`` the ``[H, W]`` bool mask.
+
+    Raises:
+      ImageError: if the sizes are incompatible or no valid pixel remains.
+    """
+    reference, covered = match_reference_shape(np.asarray(reference, np.float32), inspected.shape)
+    alignment = align_pair(reference, inspected)
+    shifted_cover = ndimage.shift(covered.astype(np.float32), alignment.shift, order=0, cval=0.0) > 0.5
+    valid = alignment.valid & shifted_cover
+    if margin > 0:
+        valid = ndimage.binary_erosion(valid, iterations=margin, border_value=1)
+    if not valid.any():
+        raise io.ImageError(
+            f"no valid pixels remain after alignment (shift {alignment.shift}) and a "
+            f"{margin} px margin; the pair overlaps too little. Reduce --valid_margin "
+            "or check that both images show the same field of view."
+        )
+    return alignment, valid
+
+
+def segment(defect_map: np.ndarray, valid: np.ndarray, config: DetectionConfig) -> tuple[Threshold, np.ndarray, list[dict]]:
+    """Threshold a ``[H, W]`` defect map, clean the mask and list its blobs.
+
+    Returns:
+      ``(threshold, mask, blobs)``.
+    """
+    threshold = choose_threshold(defect_map, valid, z_floor=config.z_floor, min_score=config.min_score)
+    mask = (defect_map > threshold.value) & valid
+    mask = clean_mask(
+        mask, opening_radius=config.opening_radius, closing_radius=config.closing_radius, min_area=config.min_area
+    )
+    return threshold, mask, find_blobs(mask, defect_map)
 
 
 @functools.partial(jax.jit, static_argnames=("last_layer",))
@@ -249,18 +294,7 @@ def detect(
     start = time.perf_counter()
     io.validate_image(np.asarray(reference), "reference")
     io.validate_image(np.asarray(inspected), "inspected")
-    reference, covered = match_reference_shape(np.asarray(reference, np.float32), inspected.shape)
-    alignment = align_pair(reference, inspected)
-    shifted_cover = ndimage.shift(covered.astype(np.float32), alignment.shift, order=0, cval=0.0) > 0.5
-    valid = alignment.valid & shifted_cover
-    if config.margin > 0:
-        valid = ndimage.binary_erosion(valid, iterations=config.margin, border_value=1)
-    if not valid.any():
-        raise io.ImageError(
-            f"no valid pixels remain after alignment (shift {alignment.shift}) and a "
-            f"{config.margin} px margin; the pair overlaps too little. Reduce --valid_margin "
-            "or check that both images show the same field of view."
-        )
+    alignment, valid = align_and_mask(reference, inspected, config.margin)
     timings["align"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -296,12 +330,7 @@ def detect(
     timings["score"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    threshold = choose_threshold(defect_map, valid, z_floor=config.z_floor, min_score=config.min_score)
-    mask = (defect_map > threshold.value) & valid
-    mask = clean_mask(
-        mask, opening_radius=config.opening_radius, closing_radius=config.closing_radius, min_area=config.min_area
-    )
-    blobs = find_blobs(mask, defect_map)
+    threshold, mask, blobs = segment(defect_map, valid, config)
     timings["postprocess"] = time.perf_counter() - start
 
     return Detection(
