@@ -120,11 +120,10 @@ def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
                 f"the first pair is {shape}."
             )
         shape = insp_image.shape
-        ref_image, covered = pipeline.match_reference_shape(ref_image, insp_image.shape)
-        detection_free = pipeline.align_pair(ref_image, insp_image)
-        aligned.append(detection_free.aligned_reference)
+        alignment, valid = pipeline.align_and_mask(ref_image, insp_image, config.margin)
+        aligned.append(alignment.aligned_reference)
         targets.append(insp_image)
-        valids.append(detection_free.valid)
+        valids.append(valid)
     key = jax.random.key(config.seed)
     augment_key, fit_key = jax.random.split(key)
     if FLAGS.train_augment > 0:
