@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -220,11 +219,13 @@ def write_npz(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> 
     if path.suffix != ".npz":
         raise ValueError(f"output path {str(path)!r} must end in .npz.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    # Not tempfile.mkstemp: its files are private (0600), and the cache may be
+    # shared. open() applies the user's umask.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        with os.fdopen(handle, "wb") as file:
+        with open(temporary, "wb") as file:
             np.savez(file, **state_dict)
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        temporary.unlink(missing_ok=True)
         raise

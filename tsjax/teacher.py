@@ -321,7 +321,7 @@ def load_state_dict(state_dict: Mapping[str, ArrayLike], last_layer: str = "laye
     for key, path in mapping.items():
         if key in state_dict:
             continue
-        is_conv_bias = path[-1] == "bias" and path[-2].endswith("conv")
+        is_conv_bias = path[-1] == "bias" and not _is_bn(path)
         if is_conv_bias and not folded:
             _set_path(variables, path, np.zeros(_get_path(reference, path).shape, np.float32))
         elif _is_bn(path) and folded and path[:-1] not in present_bn:
@@ -330,7 +330,11 @@ def load_state_dict(state_dict: Mapping[str, ArrayLike], last_layer: str = "laye
             _set_path(variables, path, np.full(shape, identity[path[-1]], np.float32))
         else:
             expected = tuple(_get_path(reference, path).shape)
-            problems.append(f"missing key {key!r} (expected shape {expected})")
+            if path[-1] == "kernel":
+                expected = (expected[3], expected[2], expected[0], expected[1])
+                problems.append(f"missing key {key!r} (expected shape {expected}, OIHW)")
+            else:
+                problems.append(f"missing key {key!r} (expected shape {expected})")
     if problems:
         raise ValueError(
             f"state_dict does not match ResNet-18 up to {last_layer} "
