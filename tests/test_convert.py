@@ -172,7 +172,7 @@ def test_torch_zip_reads_nested_training_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(
     ("size", "stride", "offset"),
-    [((10,), (1,), 0), ((2, 2), (3, 1), 1), ((2,), (-1,), 3), ((4,), (1,), -1)],
+    [((10,), (1,), 0), ((2, 2), (3, 1), 1), ((2,), (-1,), 3), ((4,), (1,), -1), ((10**6, 10**6), (0, 0), 0)],
 )
 def test_torch_zip_rejects_out_of_bounds_views(tmp_path, size, stride, offset):
     storage = np.zeros(4, np.float32)

@@ -132,6 +132,14 @@ def _rebuild_tensor_v2(
     flat = storage.array
     if 0 in size:
         return _Tensor(np.zeros(size, flat.dtype))
+    # A zero stride repeats elements, so a tiny storage could claim a huge
+    # tensor and exhaust memory when copied. State dicts hold no such tensors.
+    numel = int(np.prod(size, dtype=np.int64))
+    if numel > flat.size:
+        raise ValueError(
+            f"tensor of size {size} has more elements than its storage ({flat.size}); "
+            "zero-stride (expanded) tensors are not supported, save tensor.contiguous() instead."
+        )
     # as_strided does no bounds checking, so the last element it would touch
     # must lie inside the storage. Without this check a crafted file could
     # read memory outside the buffer.
