@@ -133,6 +133,28 @@ def test_mask_covers_where_defects_change_image():
         assert np.mean(change[pair.defect_mask] >= config.mask_fraction * smallest - 1e-6) > 0.95
 
 
+def test_noisy_difference_larger_inside_mask():
+    config = dataclasses.replace(SMALL, gain_range=(1.0, 1.0), offset_range=(0.0, 0.0))
+    checked = 0
+    for seed in range(10):
+        pair = synth.make_pair(seed, config)
+        if not pair.defects:
+            continue
+        checked += 1
+        aligned = scipy.ndimage.shift(pair.reference.astype(np.float64), pair.shift, order=3)
+        difference = np.abs(pair.inspected - aligned)
+        margin = int(np.ceil(max(abs(v) for v in pair.shift))) + 3
+        valid = np.zeros_like(pair.defect_mask)
+        valid[margin:-margin, margin:-margin] = True
+        inside = difference[valid & pair.defect_mask].mean()
+        outside = difference[valid & ~pair.defect_mask].mean()
+        # Noise alone gives a mean |difference| of about 0.032 everywhere.
+        # The faintest defects of these seeds raise it by about 0.01 inside
+        # their masks (measured), so 0.005 leaves a margin.
+        assert inside > outside + 0.005
+    assert checked >= 5
+
+
 def test_recorded_shift_by_phase_correlation():
     # Phase correlation assumes periodic images, so a Hann window suppresses
     # the wrap-around edges. It fails on layouts that repeat along one axis,
