@@ -8,14 +8,13 @@ Flags become one ``DetectionConfig``; the library never reads ``FLAGS``.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from tsjax import io, pipeline, teacher
+from tsjax import hub, io, pipeline
 from tsjax.config import DetectionConfig
 from tsjax.report import check_output_dir, write_detection
 from tsjax.students import STUDENTS, make_student
@@ -29,8 +28,9 @@ flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in 
 flags.DEFINE_string(
     "teacher_weights",
     None,
-    "Teacher weights: a folder of per-key .npy files or an .npz file. "
-    "Defaults to the TSJAX_TEACHER_WEIGHTS environment variable.",
+    "Teacher weights: a folder of per-key .npy files, .npz, .safetensors or a torchvision "
+    ".pth checkpoint, or 'random' (tests and ablations only). Unset: TSJAX_TEACHER_WEIGHTS, "
+    "then pretrained/resnet18_imagenet.npz, then torchvision's ImageNet download.",
 )
 flags.DEFINE_enum("student", "ridge", sorted(STUDENTS), "Student that predicts inspected features.")
 flags.DEFINE_list("layers", list(_DEFAULTS.layers), "Teacher layers to score: stem, layer1, layer2, layer3.")
@@ -93,15 +93,6 @@ def _run_flags() -> list:
     return []
 
 
-def _teacher_path() -> str:
-    path = FLAGS.teacher_weights or os.environ.get("TSJAX_TEACHER_WEIGHTS")
-    if not path:
-        raise app.UsageError(
-            "no teacher weights given; pass --teacher_weights=PATH or set TSJAX_TEACHER_WEIGHTS."
-        )
-    return path
-
-
 def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
     references = FLAGS.train_reference or []
     inspected = FLAGS.train_inspected or []
@@ -152,11 +143,12 @@ def main(argv):
     logging.info("load: reference %s, inspected %s in %.2f s", reference.shape, inspected.shape, load_time)
 
     start = time.perf_counter()
-    weights_path = _teacher_path()
-    variables = teacher.load_pretrained(weights_path, last_layer=config.deepest_layer)
-    teacher_sha = teacher.variables_sha256(variables)
+    variables, teacher_info = hub.resolve_teacher(FLAGS.teacher_weights, last_layer=config.deepest_layer)
     load_teacher_time = time.perf_counter() - start
-    logging.info("teacher weights: %s (sha256 %s) in %.2f s", weights_path, teacher_sha[:12], load_teacher_time)
+    logging.info(
+        "teacher weights: %s (%s, sha256 %s) in %.2f s",
+        teacher_info["source"], teacher_info["kind"], teacher_info["sha256"][:12], load_teacher_time,
+    )
 
     student = make_student(FLAGS.student, patch_size=config.patch_size, alpha=config.alpha)
     states = None
@@ -184,7 +176,7 @@ def main(argv):
     start = time.perf_counter()
     flag_values = {flag.name: flag.value for flag in _run_flags()}
     extra = {
-        "teacher": {"path": weights_path, "sha256": teacher_sha},
+        "teacher": teacher_info,
         "student": student.name,
         "pipeline_config": dataclasses.asdict(config),
         "timings_s": {"load": load_time, "load_teacher": load_teacher_time, "student_train": train_time},
