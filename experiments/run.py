@@ -127,8 +127,7 @@ def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
     return pipeline.fit_students(student, variables, aligned, targets, valids, config.layers, fit_key)
 
 
-def main(argv):
-    del argv
+def _detect_and_write() -> None:
     for name in ("reference", "inspected", "output_dir"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
@@ -187,6 +186,18 @@ def main(argv):
         logging.info(
             "blob %d: x=%.1f y=%.1f area=%d score_max=%.3f", blob["id"], blob["x"], blob["y"], blob["area"], blob["score_max"]
         )
+
+
+def main(argv):
+    del argv
+    try:
+        _detect_and_write()
+    except (FileNotFoundError, FileExistsError, ValueError, hub.WeightsDownloadError) as error:
+        # Input and setting errors carry their own fix; a traceback would
+        # only bury it. ImageError and UnsafeCheckpointError are ValueErrors.
+        logging.error("%s: %s", type(error).__name__, error)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
