@@ -139,11 +139,11 @@ def align_pair(
 ) -> Alignment:
     """Estimate the shift of the reference onto the inspected image and resample it.
 
-    Every estimator in ``_ESTIMATORS`` proposes a shift; each proposal is
+    Every estimator in ``_ESTIMATORS`` proposes a shift. Each proposal is
     verified by the Pearson correlation between the Gaussian-smoothed
-    inspected image and the shifted, smoothed reference over their overlap,
-    and the best-verified proposal wins (ties go to the earlier estimator, so
-    phase correlation wins when all agree).
+    inspected image and the shifted, smoothed reference over their overlap.
+    The best-verified proposal wins, and ties go to the earlier estimator, so
+    phase correlation wins when all agree.
 
     Args:
       reference_image: ``[H, W]`` float, the defect-free image.

@@ -20,8 +20,8 @@ class DetectionConfig:
       layers: Teacher layers whose maps are combined, shallow to deep.
       layer_weights: One weight per layer for the combined map, or ``None``
         for the plain mean.
-      patch_size: Odd side ``k`` of the reference neighbourhood the student
-        sees, in feature pixels.
+      patch_size: Odd side ``k`` of the reference neighbourhood that is the
+        student's input, in feature pixels.
       alpha: Relative ridge penalty (the penalty is ``alpha`` times the mean
         input variance, see ``tsjax.students.ridge.ridge_solve``).
       normalization: ``'global'`` divides each pixel's residual by the mean

@@ -20,7 +20,7 @@ def extract_patches(features: ArrayLike, patch_size: int) -> jax.Array:
       patch_size: Odd side ``k`` of the square neighbourhood, in feature pixels.
 
     Returns:
-      ``[B, h, w, k * k * C]``. Channel ``(i * k + j) * C + c`` holds channel
+      ``[B, h, w, k * k * C]``. Channel ``(i * k + j) * C + c`` contains channel
       ``c`` of the neighbour at row offset ``i - k // 2`` and column offset
       ``j - k // 2``.
 

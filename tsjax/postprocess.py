@@ -4,8 +4,8 @@ The threshold is Otsu's (N. Otsu, "A threshold selection method from
 gray-level histograms", IEEE Trans. SMC 9(1), 1979) over the valid pixels,
 raised to a robust z-score floor. Otsu always splits a map in two, even a
 map of pure noise, so on its own it would report defects on every
-defect-free pair; the floor only lets through pixels that stand far outside
-the map's own noise.
+defect-free pair. The floor lets through only pixels far outside the map's
+own noise.
 """
 
 from __future__ import annotations
@@ -109,11 +109,11 @@ def find_blobs(mask: np.ndarray, defect_map: np.ndarray) -> list[dict]:
       defect_map: ``[H, W]`` float, used for the score statistics.
 
     Returns:
-      One dict per blob, sorted by ``score_max`` (highest first), ``id``
-      counting from 1 in that order: ``x``, ``y`` (centroid column and row,
-      px), ``bbox`` (``[x0, y0, x1, y1]``, x0 and y0 inclusive, x1 and y1
-      exclusive), ``area`` (px), ``score_mean`` and ``score_max`` (of ``D``
-      inside the blob).
+      One dict per blob, sorted by ``score_max`` (highest first), with ``id``
+      counting from 1 in that order. Keys: ``x`` and ``y`` (centroid column
+      and row, px), ``bbox`` (``[x0, y0, x1, y1]`` with x0 and y0 inclusive,
+      x1 and y1 exclusive), ``area`` (px), and ``score_mean`` and
+      ``score_max`` (of ``D`` inside the blob).
     """
     labels = measure.label(mask, connectivity=2)
     blobs = []
