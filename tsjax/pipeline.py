@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -261,6 +262,17 @@ def combine_maps(maps: tuple[jax.Array, ...], weights: tuple[float, ...], sigma:
     return jnp.clip(gaussian_smooth(combined, sigma), 0.0, 1.0)
 
 
+def _warn_if_underdetermined(layer: str, samples: int, patch_size: int, channels: int) -> None:
+    inputs = patch_size * patch_size * channels
+    if samples < inputs:
+        warnings.warn(
+            f"{layer}: only {samples} valid feature pixels for {inputs} student inputs "
+            f"({patch_size}x{patch_size} patch of {channels} channels), so the student can fit "
+            "defects away. Use a larger image, a smaller --patch_size or shallower --layers.",
+            stacklevel=3,
+        )
+
+
 def detect(
     reference: np.ndarray,
     inspected: np.ndarray,
@@ -315,6 +327,7 @@ def detect(
         states = {}
         for index, layer in enumerate(config.layers):
             layer_valid = feature_valid(valid, layer, ref_features[layer].shape[1:3])[None]
+            _warn_if_underdetermined(layer, int(layer_valid.sum()), config.patch_size, ref_features[layer].shape[-1])
             states[layer] = _fit(
                 student, ref_features[layer], insp_features[layer], jnp.asarray(layer_valid), jax.random.fold_in(key, index)
             )
