@@ -1,6 +1,10 @@
 """Detect defects in one reference/inspected pair.
 
     python -m experiments.run --flagfile=experiments/case2.flags
+    python -m experiments.run --demo --teacher_weights=../shared/weights/resnet18_imagenet_bnfolded
+
+``--demo`` generates a synthetic pair with planted defects in place of the
+two images and reports the planted defects next to the detections.
 
 Flags become one ``DetectionConfig``; the library never reads ``FLAGS``.
 """
@@ -14,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from tsjax import hub, io, pipeline
+from tsjax import hub, io, metrics, pipeline, synth
 from tsjax.config import DetectionConfig
 from tsjax.report import check_output_dir, write_detection
 from tsjax.students import STUDENTS, make_student
@@ -23,7 +27,15 @@ _DEFAULTS = DetectionConfig()
 
 flags.DEFINE_string("reference", None, "Defect-free reference image (TIFF, PNG or JPEG).")
 flags.DEFINE_string("inspected", None, "Inspected image of the same pattern.")
-flags.DEFINE_string("output_dir", None, "Folder for the maps, figures and detections.json.")
+flags.DEFINE_string(
+    "output_dir", None, "Folder for the maps, figures and detections.json (with --demo: default outputs/demo)."
+)
+flags.DEFINE_bool(
+    "demo",
+    False,
+    "Detect on a synthetic pair with planted defects, generated from --seed, in place of --reference "
+    "and --inspected, and report the planted defects next to the detections.",
+)
 flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in --output_dir.")
 flags.DEFINE_string(
     "teacher_weights",
@@ -56,6 +68,10 @@ flags.DEFINE_integer(
 )
 
 FLAGS = flags.FLAGS
+
+_DEMO_OUTPUT_DIR = "outputs/demo"
+# The demo pair always carries defects, so that there is something to find.
+_DEMO_SYNTH_CONFIG = synth.SynthConfig(defect_free_fraction=0.0)
 
 
 def config_from_flags() -> DetectionConfig:
@@ -127,17 +143,49 @@ def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
     return pipeline.fit_students(student, variables, aligned, targets, valids, config.layers, fit_key)
 
 
+def _report_demo(planted: list[dict], detection: pipeline.Detection) -> dict:
+    """Log the planted defects next to the blobs that match them, and return the record for detections.json."""
+    match = metrics.match_points([(defect["x"], defect["y"]) for defect in planted], detection.blobs)
+    logging.info(
+        "demo: %d planted defect(s): %d found, %d missed; %d false-positive blob(s)",
+        len(planted), match["found"], match["missed"], match["false_positives"],
+    )
+    logging.info("demo: %-16s %6s %6s %5s %9s %6s  %s", "kind", "x", "y", "size", "contrast", "valid", "matched blob")
+    for defect, blob_id, error in zip(planted, match["matched_blob_ids"], match["localisation_errors_px"]):
+        inside = bool(detection.valid[int(round(defect["y"])), int(round(defect["x"]))])
+        found = f"blob {blob_id}, {error:.1f} px away" if blob_id is not None else "missed"
+        logging.info(
+            "demo: %-16s %6.1f %6.1f %5d %9.3f %6s  %s",
+            defect["kind"], defect["x"], defect["y"], defect["size_px"], defect["contrast"], "yes" if inside else "no", found,
+        )
+    return {"seed": FLAGS.seed, "planted": planted, "match": match}
+
+
 def _detect_and_write() -> None:
-    for name in ("reference", "inspected", "output_dir"):
-        if not getattr(FLAGS, name):
-            raise app.UsageError(f"--{name} is required.")
+    if FLAGS.demo:
+        if FLAGS.reference or FLAGS.inspected:
+            raise app.UsageError("--demo generates its own pair; drop --reference and --inspected.")
+        output_dir = FLAGS.output_dir or _DEMO_OUTPUT_DIR
+    else:
+        for name in ("reference", "inspected", "output_dir"):
+            if not getattr(FLAGS, name):
+                raise app.UsageError(f"--{name} is required (or pass --demo).")
+        output_dir = FLAGS.output_dir
     config = config_from_flags()
     logging.info("JAX devices: %s", jax.devices())
-    check_output_dir(FLAGS.output_dir, overwrite=FLAGS.overwrite)
+    check_output_dir(output_dir, overwrite=FLAGS.overwrite)
 
     start = time.perf_counter()
-    reference = io.load_image(FLAGS.reference)
-    inspected = io.load_image(FLAGS.inspected)
+    planted = None
+    if FLAGS.demo:
+        pair = synth.make_pair(FLAGS.seed, _DEMO_SYNTH_CONFIG)
+        reference, inspected, planted = pair.reference, pair.inspected, pair.defects
+        logging.info(
+            "demo: synthetic pair of seed %d, planted shift (dy, dx) = (%.2f, %.2f)", FLAGS.seed, *pair.shift
+        )
+    else:
+        reference = io.load_image(FLAGS.reference)
+        inspected = io.load_image(FLAGS.inspected)
     load_time = time.perf_counter() - start
     logging.info("load: reference %s, inspected %s in %.2f s", reference.shape, inspected.shape, load_time)
 
@@ -180,8 +228,10 @@ def _detect_and_write() -> None:
         "pipeline_config": dataclasses.asdict(config),
         "timings_s": {"load": load_time, "load_teacher": load_teacher_time, "student_train": train_time},
     }
-    write_detection(FLAGS.output_dir, inspected, detection, flag_values, extra)
-    logging.info("write: %s in %.2f s", FLAGS.output_dir, time.perf_counter() - start)
+    if planted is not None:
+        extra["demo"] = _report_demo(planted, detection)
+    write_detection(output_dir, inspected, detection, flag_values, extra)
+    logging.info("write: %s in %.2f s", output_dir, time.perf_counter() - start)
     for blob in detection.blobs:
         logging.info(
             "blob %d: x=%.1f y=%.1f area=%d score_max=%.3f", blob["id"], blob["x"], blob["y"], blob["area"], blob["score_max"]
