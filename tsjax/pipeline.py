@@ -31,6 +31,7 @@ __all__ = [
     "Detection",
     "match_reference_shape",
     "align_and_mask",
+    "valid_mask",
     "segment",
     "extract_features",
     "feature_valid",
@@ -105,17 +106,37 @@ def align_and_mask(reference: np.ndarray, inspected: np.ndarray, margin: int) ->
     """
     reference, covered = match_reference_shape(np.asarray(reference, np.float32), inspected.shape)
     alignment = align_pair(reference, inspected)
-    shifted_cover = ndimage.shift(covered.astype(np.float32), alignment.shift, order=0, cval=0.0) > 0.5
-    valid = alignment.valid & shifted_cover
+    return alignment, valid_mask(alignment.valid, covered, alignment.shift, margin)
+
+
+def valid_mask(overlap: np.ndarray, covered: np.ndarray, shift: tuple[float, float], margin: int) -> np.ndarray:
+    """Combine the overlap of an aligned pair with the reference's coverage and erode it.
+
+    Args:
+      overlap: ``[H, W]`` bool, pixels whose shifted source lies in the image
+        (``Alignment.valid``).
+      covered: ``[H, W]`` bool, reference pixels that came from the original
+        reference (see ``match_reference_shape``), before the shift.
+      shift: ``(dy, dx)`` applied to the reference, in px.
+      margin: Erosion of the mask, in px.
+
+    Returns:
+      The ``[H, W]`` bool mask of pixels that may be fitted and scored.
+
+    Raises:
+      ImageError: if no valid pixel remains.
+    """
+    shifted_cover = ndimage.shift(covered.astype(np.float32), shift, order=0, cval=0.0) > 0.5
+    valid = overlap & shifted_cover
     if margin > 0:
         valid = ndimage.binary_erosion(valid, iterations=margin, border_value=1)
     if not valid.any():
         raise io.ImageError(
-            f"no valid pixels remain after alignment (shift {alignment.shift}) and a "
+            f"no valid pixels remain after alignment (shift {shift}) and a "
             f"{margin} px margin; the pair overlaps too little. Reduce --valid_margin "
             "or check that both images show the same field of view."
         )
-    return alignment, valid
+    return valid
 
 
 def segment(defect_map: np.ndarray, valid: np.ndarray, config: DetectionConfig) -> tuple[Threshold, np.ndarray, list[dict]]:
