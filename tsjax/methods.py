@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from tsjax import io, pipeline
-from tsjax.align import Alignment
+from tsjax.align import Alignment, align_pair
 from tsjax.config import DetectionConfig
 from tsjax.students import Student
 from tsjax.teacher import LAYERS
@@ -39,9 +39,9 @@ MapFunction = Callable[[np.ndarray, np.ndarray, "PairContext"], tuple[np.ndarray
 class PairContext:
     """Per-pair results that several methods share, each computed on first use.
 
-    The alignment runs once. The valid mask of a given margin is the overlap
-    eroded by that margin, exactly as ``pipeline.align_and_mask`` builds it,
-    and the teacher runs once per input denoising sigma up to
+    The alignment runs once. The valid mask of a given margin is built by
+    ``pipeline.valid_mask``, as ``pipeline.align_and_mask`` builds it, and
+    the teacher runs once per input denoising sigma up to
     ``last_layer``. ``timings_s`` adds up the seconds spent on this shared
     work, so that a caller can charge it to no single method.
 
@@ -70,9 +70,12 @@ class PairContext:
     @functools.cached_property
     def _aligned(self) -> tuple[Alignment, np.ndarray]:
         start = time.perf_counter()
-        aligned = pipeline.align_and_mask(self.reference, self.inspected, margin=0)
+        reference, covered = pipeline.match_reference_shape(
+            np.asarray(self.reference, np.float32), self.inspected.shape
+        )
+        alignment = align_pair(reference, self.inspected)
         self.timings_s["align"] += time.perf_counter() - start
-        return aligned
+        return alignment, covered
 
     @property
     def shared_seconds(self) -> float:
@@ -87,7 +90,7 @@ class PairContext:
     @property
     def overlap(self) -> np.ndarray:
         """``[H, W]`` bool: pixels that both images cover after alignment (no margin)."""
-        return self._aligned[1]
+        return self.valid(0)
 
     def valid(self, margin: int) -> np.ndarray:
         """Return the ``[H, W]`` bool overlap mask eroded by ``margin`` px.
@@ -96,17 +99,10 @@ class PairContext:
           ImageError: if no pixel remains after the erosion.
         """
         if margin not in self._valid:
-            valid = self.overlap
+            alignment, covered = self._aligned
             start = time.perf_counter()
-            if margin > 0:
-                valid = ndimage.binary_erosion(valid, iterations=margin, border_value=1)
+            self._valid[margin] = pipeline.valid_mask(alignment.valid, covered, alignment.shift, margin)
             self.timings_s["align"] += time.perf_counter() - start
-            if not valid.any():
-                raise io.ImageError(
-                    f"no valid pixels remain after alignment (shift {self.alignment.shift}) and a "
-                    f"{margin} px margin; the pair overlaps too little for this method's layers."
-                )
-            self._valid[margin] = valid
         return self._valid[margin]
 
     def features(self, denoise_sigma: float = 0.0) -> dict[str, tuple[jax.Array, jax.Array]]:
