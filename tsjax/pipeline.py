@@ -272,15 +272,22 @@ def layer_defect_maps(
         coarse = _predict_and_score(
             student, states[layer], ref_features[layer], insp_features[layer], layer_valid, normalization
         )
-        maps[layer] = upsample_to_image(coarse, LAYER_STRIDES[layer], image_shape)
+        maps[layer] = upsample_to_image(coarse, LAYER_STRIDES[layer], image_shape, valid=layer_valid)
     return maps
 
 
 @functools.partial(jax.jit, static_argnames=("weights", "sigma"))
-def combine_maps(maps: tuple[jax.Array, ...], weights: tuple[float, ...], sigma: float) -> jax.Array:
-    """Weighted mean of ``[B, H, W]`` layer maps, then Gaussian smoothing of ``sigma`` px."""
+def combine_maps(
+    maps: tuple[jax.Array, ...], weights: tuple[float, ...], sigma: float, valid: jax.Array | None = None
+) -> jax.Array:
+    """Weighted mean of ``[B, H, W]`` layer maps, then Gaussian smoothing of ``sigma`` px.
+
+    With a ``[B, H, W]`` ``valid`` mask the smoothing is normalised by the
+    mask, so the unscored band along the overlap's edge never raises or
+    lowers the map inside it, and the map is 0 outside the mask.
+    """
     combined = sum(weight * layer_map for weight, layer_map in zip(weights, maps))
-    return jnp.clip(gaussian_smooth(combined, sigma), 0.0, 1.0)
+    return jnp.clip(gaussian_smooth(combined, sigma, valid), 0.0, 1.0)
 
 
 def _warn_if_underdetermined(layer: str, samples: int, patch_size: int, channels: int) -> None:
@@ -359,7 +366,9 @@ def detect(
     maps = layer_defect_maps(
         student, states, ref_features, insp_features, valid[None], config.layers, config.normalization, inspected.shape
     )
-    combined = combine_maps(tuple(maps[layer] for layer in config.layers), config.weights, float(config.map_sigma))
+    combined = combine_maps(
+        tuple(maps[layer] for layer in config.layers), config.weights, float(config.map_sigma), jnp.asarray(valid[None])
+    )
     defect_map = np.where(valid, np.asarray(combined[0]), 0.0).astype(np.float32)
     timings["score"] = time.perf_counter() - start
 

@@ -80,13 +80,28 @@ def defect_probability(
     return jnp.clip(ratio, 0.0, 1.0)
 
 
-def upsample_to_image(feature_map: ArrayLike, stride: int, shape: tuple[int, int]) -> jax.Array:
+def upsample_to_image(
+    feature_map: ArrayLike, stride: int, shape: tuple[int, int], valid: ArrayLike | None = None
+) -> jax.Array:
     """Resample ``[B, h, w]`` maps of a stride-``s`` layer to ``[B, H, W]`` image pixels.
 
     A ResNet feature at index ``i`` is centred on input pixel ``s * i``
     (every convolution and pool pads symmetrically), so input pixel ``y``
     reads the map at ``y / s`` with bilinear interpolation, clamped at the
     edges.
+
+    Args:
+      feature_map: ``[B, h, w]`` values per feature pixel.
+      stride: The layer's stride ``s`` in image px.
+      shape: ``(H, W)`` of the image.
+      valid: Optional ``[B, h, w]`` mask of the feature pixels to trust. When
+        given, the interpolation is normalised by the interpolated mask, so an
+        image pixel reads only valid features and an invalid feature never
+        leaks into its valid neighbours. Pixels with no valid feature nearby
+        get 0.
+
+    Returns:
+      ``[B, H, W]`` float32.
     """
     feature_map = jnp.asarray(feature_map, jnp.float32)
     height, width = shape
@@ -97,14 +112,15 @@ def upsample_to_image(feature_map: ArrayLike, stride: int, shape: tuple[int, int
     def resample(single: jax.Array) -> jax.Array:
         return jax.scipy.ndimage.map_coordinates(single, grid, order=1, mode="nearest")
 
-    return jax.vmap(resample)(feature_map)
+    if valid is None:
+        return jax.vmap(resample)(feature_map)
+    weight = jnp.asarray(valid, jnp.float32)
+    numerator = jax.vmap(resample)(feature_map * weight)
+    denominator = jax.vmap(resample)(weight)
+    return jnp.where(denominator > 1e-6, numerator / jnp.maximum(denominator, 1e-6), 0.0)
 
 
-def gaussian_smooth(maps: ArrayLike, sigma: float) -> jax.Array:
-    """Smooth ``[B, H, W]`` maps with a separable Gaussian of ``sigma`` px (edges replicated)."""
-    maps = jnp.asarray(maps, jnp.float32)
-    if sigma <= 0:
-        return maps
+def _separable_gaussian(maps: jax.Array, sigma: float) -> jax.Array:
     radius = max(1, int(round(3 * sigma)))
     offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
     kernel = jnp.exp(-0.5 * (offsets / sigma) ** 2)
@@ -113,3 +129,29 @@ def gaussian_smooth(maps: ArrayLike, sigma: float) -> jax.Array:
     height, width = maps.shape[1:]
     rows = sum(kernel[i] * padded[:, i : i + height, :] for i in range(2 * radius + 1))
     return sum(kernel[j] * rows[:, :, j : j + width] for j in range(2 * radius + 1))
+
+
+def gaussian_smooth(maps: ArrayLike, sigma: float, valid: ArrayLike | None = None) -> jax.Array:
+    """Smooth ``[B, H, W]`` maps with a separable Gaussian of ``sigma`` px (edges replicated).
+
+    Args:
+      maps: ``[B, H, W]`` values.
+      sigma: Standard deviation in px; 0 or less returns the maps unchanged.
+      valid: Optional ``[B, H, W]`` mask. When given, the smoothing is
+        normalised by the smoothed mask (normalised convolution), so values
+        outside the mask neither enter nor dilute the result, and pixels
+        outside the mask get 0.
+
+    Returns:
+      ``[B, H, W]`` float32.
+    """
+    maps = jnp.asarray(maps, jnp.float32)
+    if sigma <= 0:
+        return maps if valid is None else jnp.where(jnp.asarray(valid, bool), maps, 0.0)
+    if valid is None:
+        return _separable_gaussian(maps, sigma)
+    weight = jnp.asarray(valid, jnp.float32)
+    numerator = _separable_gaussian(maps * weight, sigma)
+    denominator = _separable_gaussian(weight, sigma)
+    smoothed = numerator / jnp.maximum(denominator, 1e-6)
+    return jnp.where(weight > 0, smoothed, 0.0)
