@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 from jax.typing import ArrayLike
 
-__all__ = ["Student"]
+__all__ = ["Student", "is_transductive"]
 
 
 @runtime_checkable
@@ -25,6 +25,12 @@ class Student(Protocol):
     Shapes: ``ref`` and ``insp`` are ``[B, h, w, C]`` feature maps of one
     teacher layer, and ``valid`` is ``[B, h, w]`` (bool or 0/1 float) marking
     the pixels that may be used for fitting.
+
+    A student whose state only describes the pair it was fitted on (for
+    example per-pixel fits that need the inspected features) sets the class
+    attribute ``transductive = True``; the pipeline then fits it on each
+    scored pair and rejects states fitted elsewhere. The attribute is
+    optional and read with ``is_transductive``.
     """
 
     name: str
@@ -36,3 +42,8 @@ class Student(Protocol):
     def predict(self, state: Any, ref: ArrayLike) -> jax.Array:
         """Return the predicted inspected features, ``[B, h, w, C]``."""
         ...
+
+
+def is_transductive(student: Student) -> bool:
+    """Return whether ``student`` can only predict the pair it was fitted on."""
+    return bool(getattr(student, "transductive", False))

@@ -1,0 +1,720 @@
+"""Per-pixel local ridge student: one ridge fit per window, solved in bulk.
+
+Each pixel ``q`` gets its own ridge map from reference patches to inspected
+features, fitted on the samples of the ``w x w`` window around ``q`` and
+evaluated at ``q`` itself. The fit absorbs what varies slowly over the image
+(local contrast, blur, residual misalignment) that one global map cannot.
+The centre and its nearest neighbours can be left out of their own fit
+(``leave_out``), so that a small defect is not explained by the very samples
+that contain it. Each window's map can be shrunk toward one global ridge map
+instead of toward zero (the prior), so that a window with little evidence
+falls back to the global prediction.
+
+With ``n`` fitted samples and ``d = k * k * C`` features, the primal form
+solves a ``d x d`` system per pixel, ``O(n d^2 + d^3)``, and the dual
+(kernel) form an ``n x n`` one, ``O(n^2 d + n^3)``. For the teacher's layers
+``d`` is in the hundreds or thousands and ``n`` in the tens, so the dual is
+the default. Its Gram matrices are not formed window by window. For every
+displacement ``delta`` between two window samples, the map of channel dot
+products ``<f(p), f(p + delta)>`` is computed once per block of rows and
+box-summed over the ``k x k`` patch. Each window then reads its
+``n x w^2`` Gram entries from these ``(2w - 1)^2`` maps, which costs
+``O((2w - 1)^2 C)`` per pixel in place of ``O(n w^2 k^2 C)``.
+
+Pixels are processed in blocks of rows (``lax.map``) with the per-pixel
+solver vmapped inside a block, so the working memory is set by
+``max_block_mb`` and not by the image size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+__all__ = [
+    "FORMS",
+    "PRIORS",
+    "LocalRidgeState",
+    "LocalRidgeStudent",
+    "local_ridge_predict",
+    "block_rows",
+]
+
+FORMS = ("auto", "dual", "primal")
+PRIORS = ("global", "none")
+
+# The penalty never falls below this fraction of the mean diagonal entry of
+# the window's centred scatter (or Gram) matrix, which bounds the condition
+# number of the system near 1e5 * n.
+_MIN_RELATIVE_PENALTY = 1e-5
+
+# Centring a float32 Gram matrix leaves rounding errors of about
+# eps * max_i |x_i|^2 per entry, so a window whose samples are nearly equal
+# can have a centred matrix with negative eigenvalues down to about
+# -n * eps * max_i |x_i|^2. The penalty stays above this many times that
+# bound so that Cholesky never meets a negative pivot.
+_ROUNDING_MARGIN = 4.0
+
+_BYTES_PER_FLOAT = 4
+
+
+def _window_offsets(window: int) -> np.ndarray:
+    """Row-major ``[w * w, 2]`` (dy, dx) offsets of a ``w x w`` window."""
+    radius = window // 2
+    grid = np.arange(-radius, radius + 1)
+    return np.stack(np.meshgrid(grid, grid, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
+def _fit_samples(window: int, leave_out: int) -> tuple[np.ndarray, int]:
+    """Indices of the window samples a pixel is fitted on, and of the centre."""
+    offsets = _window_offsets(window)
+    held_radius = leave_out // 2
+    if leave_out == 0:
+        keep = np.ones(len(offsets), bool)
+    else:
+        keep = np.abs(offsets).max(axis=1) > held_radius
+    centre = len(offsets) // 2
+    return np.flatnonzero(keep), centre
+
+
+def _penalty(alpha: float, trace: jax.Array, largest_norm: jax.Array, dim: int, samples: int) -> jax.Array:
+    """Return the ridge penalty ``alpha * trace / dim`` with stability floors.
+
+    Args:
+      alpha: Relative ridge penalty.
+      trace: Trace of the window's weighted, centred scatter matrix, which
+        equals that of its centred Gram matrix, so both forms get one penalty.
+      largest_norm: Largest weighted squared norm ``v_i |x_i|^2`` of an
+        uncentred sample.
+      dim: Feature dimension ``d``.
+      samples: Fitted samples per window ``n``.
+    """
+    scaled = alpha * trace / dim
+    floor = _MIN_RELATIVE_PENALTY * trace / samples
+    rounding = _ROUNDING_MARGIN * samples * jnp.finfo(trace.dtype).eps * largest_norm
+    return jnp.maximum(jnp.maximum(scaled, floor), jnp.maximum(rounding, jnp.finfo(trace.dtype).tiny))
+
+
+def _cholesky_solve(matrix: jax.Array, vector: jax.Array) -> jax.Array:
+    """Solve ``matrix @ x = vector`` for a symmetric positive definite matrix."""
+    lower = jnp.linalg.cholesky(matrix)
+    half = jax.scipy.linalg.solve_triangular(lower, vector[:, None], lower=True)
+    return jax.scipy.linalg.solve_triangular(lower, half, lower=True, trans=1)[:, 0]
+
+
+def _combination(weights: jax.Array, gain: jax.Array) -> jax.Array:
+    """Turn the fitted gains into weights on the window's targets.
+
+    The prediction is ``y_bar + sum_i gain_i (y_i - y_bar)`` with ``y_bar``
+    the weighted target mean, which is ``sum_i beta_i y_i`` with the
+    ``beta`` returned here.
+    """
+    share = weights / jnp.maximum(weights.sum(), 1.0)
+    return share + gain - share * gain.sum()
+
+
+def _dual_coefficients(
+    gram_rows: jax.Array, weights: jax.Array, fit_columns: np.ndarray, centre: int, alpha: float, dim: int
+) -> jax.Array:
+    """Solve one window in kernel form.
+
+    Args:
+      gram_rows: ``[n, w * w]`` inner products of the fitted samples' patches
+        with every window sample's patch.
+      weights: ``[n]`` 0/1 sample weights (0 for invalid pixels).
+      fit_columns: ``[n]`` static window indices of the fitted samples.
+      centre: Static window index of the pixel being predicted.
+      alpha: Relative ridge penalty.
+      dim: Feature dimension ``d`` (sets the penalty's scale).
+
+    Returns:
+      ``[n]`` weights ``beta`` with prediction ``sum_i beta_i y_i``.
+    """
+    gram = gram_rows[:, fit_columns]
+    cross = gram_rows[:, centre]
+    share = weights / jnp.maximum(weights.sum(), 1.0)
+    # Centre the Gram matrix on the weighted mean patch, which is the dual
+    # counterpart of fitting an unpenalised intercept.
+    row_mean = gram @ share
+    grand_mean = share @ row_mean
+    centred = gram - row_mean[:, None] - row_mean[None, :] + grand_mean
+    centred_cross = cross - row_mean - cross @ share + grand_mean
+    root = jnp.sqrt(weights)
+    system = root[:, None] * centred * root[None, :]
+    samples = len(fit_columns)
+    largest_norm = jnp.max(weights * jnp.diagonal(gram))
+    penalty = _penalty(alpha, jnp.trace(system), largest_norm, dim, samples)
+    solution = _cholesky_solve(system + penalty * jnp.eye(samples, dtype=system.dtype), root * centred_cross)
+    return _combination(weights, root * solution)
+
+
+def _primal_coefficients(inputs: jax.Array, centre_input: jax.Array, weights: jax.Array, alpha: float) -> jax.Array:
+    """Solve one window in primal form.
+
+    Args:
+      inputs: ``[n, d]`` patches of the fitted samples.
+      centre_input: ``[d]`` patch of the pixel being predicted.
+      weights: ``[n]`` 0/1 sample weights.
+      alpha: Relative ridge penalty.
+
+    Returns:
+      ``[n]`` weights ``beta`` with prediction ``sum_i beta_i y_i``.
+    """
+    share = weights / jnp.maximum(weights.sum(), 1.0)
+    mean = share @ inputs
+    root = jnp.sqrt(weights)
+    scaled = root[:, None] * (inputs - mean)
+    scatter = scaled.T @ scaled
+    samples, dim = inputs.shape
+    largest_norm = jnp.max(weights * jnp.sum(inputs * inputs, axis=1))
+    penalty = _penalty(alpha, jnp.trace(scatter), largest_norm, dim, samples)
+    direction = _cholesky_solve(scatter + penalty * jnp.eye(dim, dtype=scatter.dtype), centre_input - mean)
+    return _combination(weights, root * (scaled @ direction))
+
+
+def _shifted_grams(tile: jax.Array, window: int, patch_size: int) -> jax.Array:
+    """Patch inner products for every displacement within a window.
+
+    Args:
+      tile: ``[T + 2R, W + 2R, C]`` reference features, ``R = w // 2 + k // 2``.
+
+    Returns:
+      ``[2w - 1, 2w - 1, T + 2r, W + 2r]`` with ``r = w // 2``. Entry
+      ``[a, b, y, x]`` is the inner product of the ``k x k`` patches centred
+      at tile pixels ``(y + k // 2, x + k // 2)`` and that pixel displaced by
+      ``(a - 2r, b - 2r)``. Entries whose displaced patch leaves the tile are
+      meaningless and never read.
+    """
+    reach = 2 * (window // 2)
+    height, width = tile.shape[:2]
+    padded = jnp.pad(tile, ((reach, reach), (reach, reach), (0, 0)))
+    span = 2 * reach + 1
+    displacements = jnp.asarray(np.stack(np.unravel_index(np.arange(span * span), (span, span)), axis=-1))
+
+    def channel_dot(displacement: jax.Array) -> jax.Array:
+        moved = jax.lax.dynamic_slice(padded, (displacement[0], displacement[1], 0), tile.shape)
+        return jnp.einsum("yxc,yxc->yx", tile, moved)
+
+    products = jax.lax.map(channel_dot, displacements)
+    half = patch_size // 2
+    out_height, out_width = height - 2 * half, width - 2 * half
+    boxed = sum(
+        products[:, i : i + out_height, j : j + out_width] for i in range(patch_size) for j in range(patch_size)
+    )
+    return boxed.reshape(span, span, out_height, out_width)
+
+
+def _window_gram_rows(grams: jax.Array, offsets: np.ndarray, rows: int, cols: int) -> jax.Array:
+    """Read each pixel's Gram rows from the displacement maps of ``_shifted_grams``.
+
+    Row ``i`` of pixel ``q``'s Gram holds ``<x(q + u_i), x(q + v)>`` for every
+    window offset ``v``: displacement ``v - u_i`` read at ``q + u_i``. For a
+    fixed ``u_i`` that is one contiguous slab of ``grams``.
+
+    Returns:
+      ``[rows, cols, n, w * w]`` for the ``n`` window ``offsets``.
+    """
+    window = (grams.shape[0] + 1) // 2
+    radius = window // 2
+    starts = jnp.asarray(np.concatenate([radius - offsets, radius + offsets], axis=1))
+
+    # A loop of dynamic slices compiles faster than n unrolled slices.
+    def copy_row(index: int, buffer: jax.Array) -> jax.Array:
+        start = starts[index]
+        slab = jax.lax.dynamic_slice(grams, tuple(start), (window, window, rows, cols))
+        return jax.lax.dynamic_update_slice(buffer, slab.reshape(1, window * window, rows, cols), (index, 0, 0, 0))
+
+    buffer = jnp.zeros((len(offsets), window * window, rows, cols), grams.dtype)
+    buffer = jax.lax.fori_loop(0, len(offsets), copy_row, buffer)
+    return jnp.transpose(buffer, (2, 3, 0, 1))
+
+
+def _valid_patches(tile: jax.Array, patch_size: int) -> jax.Array:
+    """Stack ``k x k`` neighbourhoods of the tile's interior, ``[T', W', k * k * C]``."""
+    if patch_size == 1:
+        return tile
+    height, width = tile.shape[:2]
+    out_height, out_width = height - patch_size + 1, width - patch_size + 1
+    return jnp.concatenate(
+        [tile[i : i + out_height, j : j + out_width] for i in range(patch_size) for j in range(patch_size)], axis=-1
+    )
+
+
+def _window_stack(maps: jax.Array, offsets: np.ndarray, rows: int, cols: int, radius: int) -> jax.Array:
+    """Read ``maps`` at ``pixel + offset`` for every pixel of a block.
+
+    Args:
+      maps: ``[rows + 2 * radius, cols + 2 * radius, ...]``.
+      offsets: ``[n, 2]`` static (dy, dx) offsets within ``radius``.
+
+    Returns:
+      ``[rows, cols, n, ...]``.
+    """
+    trailing = maps.shape[2:]
+    starts = jnp.asarray(radius + offsets)
+
+    # A loop of dynamic slices compiles in a fraction of the time that n
+    # unrolled static slices take, and runs as fast.
+    def copy_sample(index: int, buffer: jax.Array) -> jax.Array:
+        start = (starts[index, 0], starts[index, 1]) + (0,) * len(trailing)
+        sample = jax.lax.dynamic_slice(maps, start, (rows, cols) + trailing)
+        return jax.lax.dynamic_update_slice(buffer, sample[None], (index, 0, 0) + (0,) * len(trailing))
+
+    buffer = jnp.zeros((len(offsets), rows, cols) + trailing, maps.dtype)
+    buffer = jax.lax.fori_loop(0, len(offsets), copy_sample, buffer)
+    return jnp.moveaxis(buffer, 0, 2)
+
+
+def _per_pixel_bytes(form: str, samples: int, window: int, dim: int, channels_out: int, prior: bool) -> int:
+    """Estimate the working memory of one pixel of a block, in bytes.
+
+    Dual: the ``n x w^2`` Gram rows, four ``n x n`` solver temporaries and
+    two ``(2w - 1)^2`` displacement maps. Primal: the ``n x d`` window
+    patches and three ``d x d`` temporaries. The prior adds the pixel's patch
+    and its prior prediction.
+    """
+    if form == "dual":
+        floats = samples * window * window + 4 * samples * samples + 2 * (2 * window - 1) ** 2
+    else:
+        floats = samples * dim + 3 * dim * dim + 2 * dim
+    if prior:
+        floats += dim + channels_out
+    return floats * _BYTES_PER_FLOAT
+
+
+def block_rows(
+    form: str,
+    samples: int,
+    window: int,
+    dim: int,
+    channels_out: int,
+    prior: bool,
+    width: int,
+    batch: int,
+    max_block_mb: float,
+) -> int:
+    """Choose how many feature rows one block holds so that it fits ``max_block_mb``.
+
+    Args:
+      form: ``'dual'`` or ``'primal'``.
+      samples: Fitted samples per window ``n``.
+      window: Window side ``w``.
+      dim: Patch features ``d``.
+      channels_out: Inspected channels.
+      prior: Whether the global prior is fitted.
+      width: Map width in feature px.
+      batch: Maps solved side by side (the batch is vmapped).
+      max_block_mb: Memory budget of one block, in MiB.
+
+    Returns:
+      At least 1 row, so one very wide row can exceed the budget.
+    """
+    per_row = _per_pixel_bytes(form, samples, window, dim, channels_out, prior) * width * batch
+    return max(1, int(max_block_mb * 2**20 // per_row))
+
+
+def _pca_basis(ref: jax.Array, valid: jax.Array, components: int) -> jax.Array:
+    """Top principal directions of one map's valid reference features, ``[C, p]``."""
+    channels = ref.shape[-1]
+    flat = ref.reshape(-1, channels)
+    weight = valid.reshape(-1).astype(flat.dtype)
+    share = weight / jnp.maximum(weight.sum(), 1.0)
+    mean = share @ flat
+    centred = flat - mean
+    covariance = (centred * share[:, None]).T @ centred
+    _, vectors = jnp.linalg.eigh(covariance)
+    return vectors[:, ::-1][:, :components]
+
+
+class _Prior(NamedTuple):
+    """Global linear map ``prediction = patch @ weights + bias``."""
+
+    weights: jax.Array
+    bias: jax.Array
+
+
+class _Tiles(NamedTuple):
+    """One block of rows with the halo that its windows and patches reach."""
+
+    ref: jax.Array
+    local_ref: jax.Array
+    insp: jax.Array
+    valid: jax.Array
+
+
+def _fit_prior(tile_at: callable, blocks: int, rows: int, width: int, radius: int, patch_size: int, alpha: float) -> _Prior:
+    """Fit one ridge map on every valid pixel of a map, one block at a time.
+
+    The penalty is the one of ``tsjax.students.ridge.ridge_solve``:
+    ``alpha * trace(S) / d`` with a floor of ``1e-6 * trace(S) / d + 1e-12``.
+    Accumulating the moments block by block keeps the ``[h, w, d]`` patch
+    array from being materialised; the inputs are centred beforehand, so
+    ``sum(x x^T) - N mean mean^T`` loses no float32 digits to cancellation.
+    """
+
+    def moments(index: jax.Array) -> tuple[jax.Array, ...]:
+        tiles = tile_at(index)
+        patches = _valid_patches(tiles.ref, patch_size)[radius : radius + rows, radius : radius + width]
+        inputs = patches.reshape(rows * width, -1)
+        targets = tiles.insp[radius : radius + rows, radius : radius + width].reshape(rows * width, -1)
+        weight = tiles.valid[radius : radius + rows, radius : radius + width].reshape(-1, 1)
+        weighted = inputs * weight
+        return weight.sum(), weighted.sum(0), (targets * weight).sum(0), weighted.T @ inputs, weighted.T @ targets
+
+    def accumulate(total: tuple[jax.Array, ...], index: jax.Array) -> tuple[tuple[jax.Array, ...], None]:
+        return tuple(a + b for a, b in zip(total, moments(index))), None
+
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(moments, jnp.int32(0)))
+    (count, sum_x, sum_y, sum_xx, sum_xy), _ = jax.lax.scan(accumulate, zeros, jnp.arange(blocks))
+    count = jnp.maximum(count, 1.0)
+    mean_x, mean_y = sum_x / count, sum_y / count
+    scatter = sum_xx - count * jnp.outer(mean_x, mean_x)
+    cross = sum_xy - count * jnp.outer(mean_x, mean_y)
+    dim = scatter.shape[0]
+    trace = jnp.trace(scatter)
+    penalty = jnp.maximum(alpha * trace / dim, 1e-6 * trace / dim + 1e-12)
+    factor = jax.scipy.linalg.cho_factor(scatter + penalty * jnp.eye(dim, dtype=scatter.dtype))
+    weights = jax.scipy.linalg.cho_solve(factor, cross)
+    return _Prior(weights=weights, bias=mean_y - mean_x @ weights)
+
+
+def _predict_one(
+    ref: jax.Array,
+    local_ref: jax.Array,
+    insp: jax.Array,
+    valid: jax.Array,
+    *,
+    patch_size: int,
+    window: int,
+    leave_out: int,
+    alpha: float,
+    prior_alpha: float | None,
+    form: str,
+    rows: int,
+) -> jax.Array:
+    """Local ridge predictions for one map, ``[h, w, C_out]``; see ``local_ridge_predict``.
+
+    ``ref`` feeds the prior and ``local_ref`` (``ref`` or its PCA projection)
+    the window fits.
+    """
+    height, width, _ = ref.shape
+    radius = window // 2
+    reach = radius + patch_size // 2
+    fit_index, centre = _fit_samples(window, leave_out)
+    fit_offsets = _window_offsets(window)[fit_index]
+    dim = patch_size * patch_size * local_ref.shape[-1]
+
+    blocks = math.ceil(height / rows)
+    extra = blocks * rows - height
+    # Edge padding reproduces ``extract_patches`` for patches that cross the
+    # border. Window samples outside the map get weight 0, so their padded
+    # values never enter a fit.
+    ref_pad = ((reach, reach + extra), (reach, reach), (0, 0))
+    ref_padded = jnp.pad(ref, ref_pad, mode="edge")
+    local_padded = ref_padded if local_ref is ref else jnp.pad(local_ref, ref_pad, mode="edge")
+    insp_padded = jnp.pad(insp, ((radius, radius + extra), (radius, radius), (0, 0)), mode="edge")
+    valid_padded = jnp.pad(valid, ((radius, radius + extra), (radius, radius)))
+
+    def tile_at(index: jax.Array) -> _Tiles:
+        start = index * rows
+        ref_size = (rows + 2 * reach, width + 2 * reach)
+        window_size = (rows + 2 * radius, width + 2 * radius)
+        return _Tiles(
+            ref=jax.lax.dynamic_slice(ref_padded, (start, 0, 0), ref_size + ref.shape[-1:]),
+            local_ref=jax.lax.dynamic_slice(local_padded, (start, 0, 0), ref_size + local_ref.shape[-1:]),
+            insp=jax.lax.dynamic_slice(insp_padded, (start, 0, 0), window_size + insp.shape[-1:]),
+            valid=jax.lax.dynamic_slice(valid_padded, (start, 0), window_size),
+        )
+
+    prior = None
+    if prior_alpha is not None:
+        prior = _fit_prior(tile_at, blocks, rows, width, radius, patch_size, prior_alpha)
+
+    def solve_block(index: jax.Array) -> jax.Array:
+        tiles = tile_at(index)
+        targets = tiles.insp
+        prediction = jnp.zeros((rows, width, insp.shape[-1]), insp.dtype)
+        if prior is not None:
+            prior_tile = _valid_patches(tiles.ref, patch_size) @ prior.weights + prior.bias
+            targets = targets - prior_tile
+            prediction = prior_tile[radius : radius + rows, radius : radius + width]
+        weights = _window_stack(tiles.valid, fit_offsets, rows, width, radius)
+        if form == "dual":
+            grams = _shifted_grams(tiles.local_ref, window, patch_size)
+            gram_rows = _window_gram_rows(grams, fit_offsets, rows, width)
+            solver = jax.vmap(jax.vmap(lambda g, v: _dual_coefficients(g, v, fit_index, centre, alpha, dim)))
+            beta = solver(gram_rows, weights)
+        else:
+            patches = _valid_patches(tiles.local_ref, patch_size)
+            inputs = _window_stack(patches, fit_offsets, rows, width, radius)
+            centre_inputs = patches[radius : radius + rows, radius : radius + width]
+            solver = jax.vmap(jax.vmap(lambda x, x0, v: _primal_coefficients(x, x0, v, alpha)))
+            beta = solver(inputs, centre_inputs, weights)
+        # Sum the weighted targets one window offset at a time so that the
+        # [rows, width, n, C] stack of window targets is never materialised.
+        for sample, (dy, dx) in enumerate(fit_offsets):
+            shifted = targets[radius + dy : radius + dy + rows, radius + dx : radius + dx + width]
+            prediction = prediction + beta[..., sample, None] * shifted
+        return prediction
+
+    predictions = jax.lax.map(solve_block, jnp.arange(blocks))
+    return predictions.reshape(blocks * rows, width, -1)[:height]
+
+
+def _resolve_form(form: str, samples: int, dim: int, alpha: float) -> str:
+    """Pick the form and reject settings whose system is singular."""
+    if form not in FORMS:
+        raise ValueError(f"form={form!r} is unknown; use one of {FORMS}.")
+    if alpha == 0 and samples <= dim:
+        raise ValueError(
+            f"alpha=0 with {samples} samples per window and {dim} features (patch_size**2 * channels) "
+            "leaves each window's ridge system singular; set alpha > 0 (for example 1e-3), or enlarge "
+            "the window or reduce the features (patch_size, components) until samples > features."
+        )
+    if alpha == 0 and form == "dual":
+        raise ValueError(
+            "alpha=0 makes the dual system singular (its centred Gram matrix has rank below the "
+            "sample count); set alpha > 0 or form='primal'."
+        )
+    if form == "auto":
+        return "dual" if samples < dim else "primal"
+    return form
+
+
+def local_ridge_predict(
+    ref: ArrayLike,
+    insp: ArrayLike,
+    valid: ArrayLike,
+    *,
+    patch_size: int,
+    window: int,
+    leave_out: int,
+    alpha: float,
+    prior_alpha: float | None = None,
+    form: str = "auto",
+    components: int = 0,
+    max_block_mb: float = 256.0,
+) -> jax.Array:
+    """Predict every pixel's inspected features from its own local ridge fit.
+
+    For pixel ``q``, the fit minimises
+    ``sum_i v_i |y_i - x_i W_q - b_q|^2 + lam_q |W_q - W_0|_F^2`` over the
+    window samples ``i`` around ``q`` (all ``w x w`` minus the central
+    ``leave_out x leave_out`` square), where ``x_i`` is the reference patch,
+    ``y_i`` the inspected feature vector and ``v_i`` the validity of sample
+    ``i``. ``W_0`` is zero, or with ``prior_alpha`` the global ridge map of
+    the whole map (fitted with penalty ``prior_alpha``), in which case the
+    window fits the residual of the global prediction. The penalty
+    ``lam_q = alpha * trace(S_q) / d`` is relative to the window's centred
+    scatter ``S_q``, as in the global ridge. It never falls below
+    ``1e-5 * trace(S_q) / n``, nor below the float32 rounding error of the
+    centred system (``4 n eps max_i v_i |x_i|^2``), so Cholesky stays finite. The
+    output at ``q`` is ``x_q W_q + b_q``.
+
+    Args:
+      ref: ``[B, h, w, C]`` reference features.
+      insp: ``[B, h, w, C_out]`` inspected features.
+      valid: ``[B, h, w]`` bool or 0/1 mask of pixels that may be fitted on.
+      patch_size: Odd side ``k`` of the reference patch, in feature px.
+      window: Odd side ``w`` of the fitting window, in feature px.
+      leave_out: Side of the central square left out of each pixel's own
+        fit: 0 keeps every window sample, 1 leaves out the pixel itself, 3
+        also its 8 neighbours. 0 or odd, smaller than ``window``.
+      alpha: Relative ridge penalty of each window, ``>= 0``; 0 needs more
+        samples than features and the primal form.
+      prior_alpha: ``None`` to shrink each window's map toward zero, or the
+        relative penalty of the global map it is shrunk toward.
+      form: ``'dual'``, ``'primal'`` or ``'auto'``, which takes the dual when
+        samples < features (its system is then the smaller one).
+      components: If positive, project the reference channels that the
+        windows see onto this many principal components of the map's valid
+        reference features, which shrinks ``d`` to ``k * k * components``.
+        The prior always sees every channel.
+      max_block_mb: Estimated working memory of one block of rows, in MiB.
+
+    Returns:
+      ``[B, h, w, C_out]`` float32 predictions.
+
+    Raises:
+      ValueError: for shapes that disagree, invalid window settings, an
+        unknown ``form``, or ``alpha = 0`` where the system is singular.
+    """
+    ref = jnp.asarray(ref, jnp.float32)
+    insp = jnp.asarray(insp, jnp.float32)
+    valid = jnp.asarray(valid).astype(jnp.float32)
+    if ref.ndim != 4 or insp.ndim != 4:
+        raise ValueError(f"ref and insp must be [B, h, w, C]; got shapes {ref.shape} and {insp.shape}.")
+    if ref.shape[:3] != insp.shape[:3] or valid.shape != ref.shape[:3]:
+        raise ValueError(f"ref {ref.shape}, insp {insp.shape} and valid {valid.shape} must share [B, h, w].")
+    _check_window(patch_size, window, leave_out, alpha, prior_alpha, components, ref.shape[-1])
+    # Subtracting the map's mean leaves every fit unchanged (each has its own
+    # intercept) but keeps float32 Gram and scatter entries from being
+    # dominated by the mean, whose removal would otherwise cancel digits.
+    share = valid / jnp.maximum(valid.sum(axis=(1, 2), keepdims=True), 1.0)
+    ref = ref - jnp.einsum("byx,byxc->bc", share, ref)[:, None, None, :]
+    local_ref = ref
+    if components:
+        basis = jax.vmap(_pca_basis, in_axes=(0, 0, None))(ref, valid, components)
+        local_ref = jnp.einsum("byxc,bcp->byxp", ref, basis)
+
+    samples = len(_fit_samples(window, leave_out)[0])
+    dim = patch_size * patch_size * local_ref.shape[-1]
+    form = _resolve_form(form, samples, dim, alpha)
+    prior = prior_alpha is not None
+    batch, height, width = ref.shape[:3]
+    max_rows = block_rows(form, samples, window, dim, insp.shape[-1], prior, width, batch, max_block_mb)
+    # Split the rows into equal blocks so the last one is not mostly padding.
+    rows = math.ceil(height / math.ceil(height / max_rows))
+
+    def predict(one_ref: jax.Array, one_local: jax.Array, one_insp: jax.Array, one_valid: jax.Array) -> jax.Array:
+        return _predict_one(
+            one_ref,
+            one_ref if local_ref is ref else one_local,
+            one_insp,
+            one_valid,
+            patch_size=patch_size,
+            window=window,
+            leave_out=leave_out,
+            alpha=alpha,
+            prior_alpha=prior_alpha,
+            form=form,
+            rows=rows,
+        )
+
+    return jax.vmap(predict)(ref, local_ref, insp, valid)
+
+
+def _check_window(
+    patch_size: int, window: int, leave_out: int, alpha: float, prior_alpha: float | None, components: int, channels: int
+) -> None:
+    """Raise ValueError for window settings that cannot be fitted."""
+    for name, value in (("patch_size", patch_size), ("window", window)):
+        if not isinstance(value, int) or value < 1 or value % 2 == 0:
+            raise ValueError(f"{name} must be a positive odd integer; got {value!r}.")
+    if not isinstance(leave_out, int) or leave_out < 0 or (leave_out and leave_out % 2 == 0):
+        raise ValueError(f"leave_out must be 0 or a positive odd integer; got {leave_out!r}.")
+    if leave_out >= window:
+        raise ValueError(
+            f"leave_out={leave_out} leaves no sample of a {window}x{window} window; use a window larger than leave_out."
+        )
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0; got {alpha!r}.")
+    if prior_alpha is not None and not prior_alpha >= 0:
+        raise ValueError(f"prior_alpha must be >= 0 or None; got {prior_alpha!r}.")
+    if not isinstance(components, int) or not 0 <= components <= channels:
+        raise ValueError(
+            f"components must be an integer in [0, {channels}] (the channel count; 0 disables PCA); got {components!r}."
+        )
+
+
+class LocalRidgeState(NamedTuple):
+    """Per-pixel predictions of the pair the local ridge was fitted on.
+
+    Attributes:
+      prediction: ``[B, h, w, C]`` inspected features predicted by each
+        pixel's own local fit.
+    """
+
+    prediction: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRidgeStudent:
+    """A ridge map per pixel, fitted on the window around it.
+
+    With ``prior='global'`` each window's map is shrunk toward one global
+    ridge map (fitted on all valid pixels with ``alpha``) instead of toward
+    zero: the window fits the global fit's residual. A window's few samples
+    then only adjust the map where the evidence is strong, and a pixel whose
+    reference patch is unlike any other in its window (a line end, a corner)
+    falls back to the global prediction instead of an extrapolation. With
+    ``prior='none'`` the windows are plain ridge fits.
+
+    The fit needs the inspected features of the pair it scores, so ``fit``
+    does all the work and returns the predictions as the state, and
+    ``predict`` returns them after checking that ``ref`` has their shape.
+    The state cannot be reused on another pair: ``transductive`` tells the
+    pipeline to reject pre-fitted states for this student.
+
+    Attributes:
+      patch_size: Odd side ``k`` of the reference patch, in feature px.
+      alpha: Relative ridge penalty of the global prior map (see
+        ``tsjax.students.ridge.ridge_solve``); unused with ``prior='none'``.
+      window: Odd side of the fitting window, in feature px.
+      leave_out: Side of the central square left out of each pixel's fit
+        (see ``local_ridge_predict``).
+      local_alpha: Relative ridge penalty of each window's fit, which pulls
+        the window's map toward the prior. It must be positive when the
+        window has fewer samples than features.
+      prior: ``'global'`` or ``'none'``.
+      components: Principal components of the reference channels that the
+        window fits see (0 keeps all channels).
+      form: ``'auto'``, ``'dual'`` or ``'primal'``.
+      max_block_mb: Estimated working memory of one block, in MiB.
+    """
+
+    patch_size: int = 3
+    alpha: float = 1e-3
+    window: int = 7
+    leave_out: int = 1
+    local_alpha: float = 100.0
+    prior: str = "global"
+    components: int = 0
+    form: str = "auto"
+    max_block_mb: float = 256.0
+    name: str = "local_ridge"
+    transductive: ClassVar[bool] = True
+
+    def fit(self, ref: ArrayLike, insp: ArrayLike, valid: ArrayLike, key: jax.Array) -> LocalRidgeState:
+        """Fit every pixel on its window and store its prediction.
+
+        Args:
+          ref: ``[B, h, w, C]`` reference features.
+          insp: ``[B, h, w, C_out]`` inspected features.
+          valid: ``[B, h, w]`` mask of pixels that may be fitted on.
+          key: Unused (closed form).
+
+        Returns:
+          The ``LocalRidgeState``.
+
+        Raises:
+          ValueError: for an unknown ``prior`` or the cases listed by
+            ``local_ridge_predict``.
+        """
+        del key
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior={self.prior!r} is unknown; use one of {PRIORS}.")
+        prediction = local_ridge_predict(
+            ref,
+            insp,
+            valid,
+            patch_size=self.patch_size,
+            window=self.window,
+            leave_out=self.leave_out,
+            alpha=self.local_alpha,
+            prior_alpha=self.alpha if self.prior == "global" else None,
+            form=self.form,
+            components=self.components,
+            max_block_mb=self.max_block_mb,
+        )
+        return LocalRidgeState(prediction=prediction)
+
+    def predict(self, state: LocalRidgeState, ref: ArrayLike) -> jax.Array:
+        """Return the fitted pair's predictions, ``[B, h, w, C]``.
+
+        Raises:
+          ValueError: if ``ref`` is not ``[B, h, w, ...]`` of the fitted pair.
+        """
+        ref_shape = jnp.shape(ref)
+        if tuple(ref_shape[:3]) != tuple(state.prediction.shape[:3]):
+            raise ValueError(
+                f"local ridge state holds predictions for maps of shape {state.prediction.shape[:3]} but ref "
+                f"is {tuple(ref_shape[:3])}; local ridge only predicts the pair it was fitted on, so fit it on this pair."
+            )
+        return state.prediction
