@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tsjax import pipeline
 from tsjax.patches import extract_patches
 from tsjax.students import STUDENTS, LocalRidgeStudent, local_ridge_predict
 from tsjax.students import local_ridge as local_ridge_module
@@ -247,3 +248,12 @@ def test_block_rows_follow_the_budget():
     per_pixel = local_ridge_module._per_pixel_bytes("dual", 48, 7, 576, 64, True)
     assert rows * 1024 * per_pixel <= 256 * 2**20
     assert (rows + 1) * 1024 * per_pixel > 256 * 2**20
+
+
+def test_pipeline_rejects_states_fitted_elsewhere():
+    image = np.zeros((64, 64), np.float32)
+    student = LocalRidgeStudent()
+    with pytest.raises(ValueError, match="cannot be fitted on training pairs"):
+        pipeline.fit_students(student, {}, [image], [image], [image > 0], ("layer1",), jax.random.key(0))
+    with pytest.raises(ValueError, match="pass states=None"):
+        pipeline.detect(image, image, {}, student=student, states={"layer1": None})

@@ -24,7 +24,7 @@ from tsjax.align import Alignment, align_pair
 from tsjax.config import DetectionConfig
 from tsjax.postprocess import Threshold, choose_threshold, clean_mask, find_blobs
 from tsjax.score import defect_probability, gaussian_smooth, upsample_to_image
-from tsjax.students import Student, make_student
+from tsjax.students import Student, is_transductive, make_student
 from tsjax.teacher import LAYER_STRIDES, ResNet18, preprocess
 
 __all__ = [
@@ -237,7 +237,16 @@ def fit_students(
 
     Returns:
       Student state per layer name.
+
+    Raises:
+      ValueError: if the student is transductive (it can only predict the
+        pair it is fitted on, so ``detect`` must fit it).
     """
+    if is_transductive(student):
+        raise ValueError(
+            f"student {student.name!r} only predicts the pair it was fitted on, so it cannot be "
+            "fitted on training pairs; drop the training pairs and let detect fit it on each pair."
+        )
     last_layer = max(layers, key=list(LAYER_STRIDES).index)
     ref_features = extract_features(variables, jnp.asarray(np.stack(references)), last_layer)
     insp_features = extract_features(variables, jnp.asarray(np.stack(inspected)), last_layer)
@@ -329,7 +338,13 @@ def detect(
 
     Raises:
       ImageError: for invalid images or incompatible sizes.
+      ValueError: if ``states`` are given for a transductive student.
     """
+    if states is not None and student is not None and is_transductive(student):
+        raise ValueError(
+            f"student {student.name!r} only predicts the pair it was fitted on; pass states=None "
+            "so that detect fits it on this pair."
+        )
     timings = {}
     start = time.perf_counter()
     io.validate_image(np.asarray(reference), "reference")
