@@ -5,6 +5,7 @@ from typing import Mapping
 
 from tsjax.students.base import Student, is_transductive
 from tsjax.students.local_ridge import LocalRidgeState, LocalRidgeStudent, local_ridge_predict
+from tsjax.students.mlp import FeatureMLP, MLPState, MLPStudent
 from tsjax.students.ridge import RidgeState, RidgeStudent, ridge_solve
 
 __all__ = [
@@ -16,6 +17,9 @@ __all__ = [
     "LocalRidgeState",
     "LocalRidgeStudent",
     "local_ridge_predict",
+    "FeatureMLP",
+    "MLPState",
+    "MLPStudent",
     "STUDENTS",
     "register_student",
     "make_student",
@@ -23,7 +27,7 @@ __all__ = [
 
 # Student classes by the name that ``--student`` takes. A new student is one
 # class implementing ``Student``, added here or with ``register_student``.
-STUDENTS = {"ridge": RidgeStudent, "local_ridge": LocalRidgeStudent}
+STUDENTS = {"ridge": RidgeStudent, "local_ridge": LocalRidgeStudent, "mlp": MLPStudent}
 
 
 def register_student(cls: type) -> type:
