@@ -21,7 +21,8 @@ from absl import app, flags, logging
 from tsjax import hub, io, metrics, pipeline, synth
 from tsjax.config import DetectionConfig
 from tsjax.report import check_output_dir, write_detection
-from tsjax.students import STUDENTS, make_student
+from tsjax.students import STUDENTS, Student, make_student
+from tsjax.students.checkpoint import load_student
 
 _DEFAULTS = DetectionConfig()
 
@@ -45,6 +46,18 @@ flags.DEFINE_string(
     "then pretrained/resnet18_imagenet.npz, then torchvision's ImageNet download.",
 )
 flags.DEFINE_enum("student", "ridge", sorted(STUDENTS), "Student that predicts inspected features.")
+flags.DEFINE_list(
+    "student_options",
+    [],
+    "Student-specific settings as key=value pairs, for example window=7,leave_out=1 for local_ridge "
+    "or hidden_size=256,steps=1000 for mlp; docs/students.md lists them.",
+)
+flags.DEFINE_string(
+    "student_checkpoint",
+    None,
+    "Folder written by experiments.train: use its trained student instead of fitting one. Its teacher "
+    "weights, --layers and --patch_size must match this run.",
+)
 flags.DEFINE_list("layers", list(_DEFAULTS.layers), "Teacher layers to score: stem, layer1, layer2, layer3.")
 flags.DEFINE_list("layer_weights", None, "One weight per layer for the combined map (default: equal).")
 flags.DEFINE_integer("patch_size", _DEFAULTS.patch_size, "Odd side of the reference patch, in feature pixels.")
@@ -109,7 +122,24 @@ def _run_flags() -> list:
     return []
 
 
-def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
+def student_from_flags(config: DetectionConfig) -> Student:
+    """Build the student named by --student with --student_options."""
+    options = {}
+    for pair in FLAGS.student_options:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise app.UsageError(f"--student_options entries must be key=value; got {pair!r}.")
+        options[key.strip()] = value.strip()
+    return make_student(FLAGS.student, patch_size=config.patch_size, alpha=config.alpha, options=options)
+
+
+def load_training_pairs(config: DetectionConfig) -> tuple[list, list, list, jax.Array]:
+    """Load, align and augment the pairs named by --train_reference and --train_inspected.
+
+    Returns:
+      ``(aligned_references, inspected, valids, fit_key)``: ``[H, W]`` arrays
+      per pair, augmented copies included, and the PRNG key for fitting.
+    """
     references = FLAGS.train_reference or []
     inspected = FLAGS.train_inspected or []
     if len(references) != len(inspected):
@@ -140,7 +170,42 @@ def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
             aligned += list(pipeline.augment_brightness_contrast(np.stack(base_refs), jax.random.fold_in(copy_key, 0)))
             targets += list(pipeline.augment_brightness_contrast(np.stack(base_insp), jax.random.fold_in(copy_key, 1)))
             valids += base_valid
+    return aligned, targets, valids, fit_key
+
+
+def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
+    aligned, targets, valids, fit_key = load_training_pairs(config)
     return pipeline.fit_students(student, variables, aligned, targets, valids, config.layers, fit_key)
+
+
+def _student_and_states(variables, teacher_sha256: str, config: DetectionConfig) -> tuple[Student, dict | None, float]:
+    """Load the checkpointed student, fit one on training pairs, or leave fitting to detect."""
+    if FLAGS.student_checkpoint:
+        conflicts = [
+            f"--{name}" for name in ("train_reference", "train_inspected", "student_options") if FLAGS[name].present
+        ]
+        if conflicts:
+            raise app.UsageError(f"--student_checkpoint brings a trained student; drop {', '.join(conflicts)}.")
+        start = time.perf_counter()
+        student, states = load_student(
+            FLAGS.student_checkpoint, teacher_sha256=teacher_sha256, layers=config.layers, patch_size=config.patch_size
+        )
+        if FLAGS["student"].present and FLAGS.student != student.name:
+            raise app.UsageError(
+                f"--student={FLAGS.student} but {FLAGS.student_checkpoint} holds a {student.name!r} student; "
+                "drop --student or pass its name."
+            )
+        logging.info("student: loaded %s from %s in %.2f s", student.name, FLAGS.student_checkpoint, time.perf_counter() - start)
+        return student, states, 0.0
+
+    student = student_from_flags(config)
+    if not (FLAGS.train_reference or FLAGS.train_inspected):
+        return student, None, 0.0
+    start = time.perf_counter()
+    states = _fit_on_training_pairs(student, variables, config)
+    train_time = time.perf_counter() - start
+    logging.info("student: fitted on %d training pair(s) in %.2f s", len(FLAGS.train_reference), train_time)
+    return student, states, train_time
 
 
 def _report_demo(planted: list[dict], detection: pipeline.Detection) -> dict:
@@ -197,14 +262,7 @@ def _detect_and_write() -> None:
         teacher_info["source"], teacher_info["kind"], teacher_info["sha256"][:12], load_teacher_time,
     )
 
-    student = make_student(FLAGS.student, patch_size=config.patch_size, alpha=config.alpha)
-    states = None
-    train_time = 0.0
-    if FLAGS.train_reference or FLAGS.train_inspected:
-        start = time.perf_counter()
-        states = _fit_on_training_pairs(student, variables, config)
-        train_time = time.perf_counter() - start
-        logging.info("student: fitted on %d training pair(s) in %.2f s", len(FLAGS.train_reference), train_time)
+    student, states, train_time = _student_and_states(variables, teacher_info["sha256"], config)
 
     detection = pipeline.detect(reference, inspected, variables, config, student=student, states=states)
     summary = detection.alignment.summary()
@@ -225,6 +283,8 @@ def _detect_and_write() -> None:
     extra = {
         "teacher": teacher_info,
         "student": student.name,
+        "student_settings": dataclasses.asdict(student),
+        "student_checkpoint": FLAGS.student_checkpoint,
         "pipeline_config": dataclasses.asdict(config),
         "timings_s": {"load": load_time, "load_teacher": load_teacher_time, "student_train": train_time},
     }
