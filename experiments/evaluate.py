@@ -8,8 +8,8 @@ Every method runs on every pair of each ``--dataset`` folder (the layout of
 the real wafer data, see ``tsjax.evaluation``) and goes through the same
 segmentation and metrics. ``--synthetic_pairs`` adds a synthetic dataset,
 generated once into ``--synthetic_dir``. Per dataset, ``--output_dir`` gets
-``results.json``, ``summary.md``, ``summary.csv``, ``pairs.csv`` and the
-figures; ``--results_page`` also writes the Markdown page that
+``results.json``, ``summary.md``, ``summary.csv``, ``pairs.csv``, the
+curve and recall figures and the defect maps of the first pairs; ``--results_page`` also writes the Markdown page that
 ``docs/results.md`` is. Each pair's outcome is saved as it finishes, so an
 interrupted run resumes, and a method added later (a new student) runs
 alone on the saved pairs.
@@ -18,9 +18,9 @@ alone on the saved pairs.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -39,9 +39,12 @@ FLAGS = flags.FLAGS
 _RIDGE_LAYER_SETS = {"ridge_layer1": ("layer1",), "ridge_layer2": ("layer2",), "ridge_layer123": ("layer1", "layer2", "layer3")}
 
 # Flags of a student's flagfile that describe the run, not the method.
-_RUN_FLAGS = ("reference", "inspected", "output_dir", "overwrite", "teacher_weights", "student", "flagfile")
+_RUN_FLAGS = ("reference", "inspected", "output_dir", "overwrite", "teacher_weights", "student")
 
 _EXPERIMENTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Flagfiles name nested flagfiles relative to the repository root, where
+# the experiments run.
+_REPO_ROOT = os.path.dirname(_EXPERIMENTS_DIR)
 
 
 def define_flags() -> None:
@@ -71,34 +74,33 @@ def define_flags() -> None:
     flags.DEFINE_float("fpr_limit", 0.3, "FPR limit of the AUPRO.")
     flags.DEFINE_list("contrast_bins", ["0", "0.075", "0.1", "0.15", "0.2", "0.3", "1"], "Bin edges of |contrast|.")
     flags.DEFINE_list("size_bins", ["1", "4", "6", "10", "16", "31"], "Bin edges of defect size, in px.")
+    flags.DEFINE_integer(
+        "map_figures", 2, "Draw every method's defect map for the first N pairs of each dataset.", lower_bound=0
+    )
     flags.DEFINE_string("results_page", "", "Markdown page to write with every dataset's tables, e.g. docs/results.md.")
     flags.DEFINE_string("figures_dir", "docs/figures", "Folder of the results page's figures.")
     flags.DEFINE_bool("fresh", False, "Ignore saved pair outcomes and run every method again.")
 
 
 def _parse_flagfile(path: str) -> dict[str, str]:
-    """Read ``--name=value`` lines; ``--name`` alone is ``'true'`` and ``--noname`` is ``'false'``."""
+    """Read ``--name=value`` lines, expanding ``--flagfile`` in place; later values win.
+
+    ``--name`` alone reads as ``'true'`` and ``--noname`` as ``'false'``.
+    """
     values = {}
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             line = line.strip()
             if not line.startswith("--"):
                 continue
-            name, _, value = line[2:].partition("=")
-            if not _:
+            name, separator, value = line[2:].partition("=")
+            if not separator:
                 name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
-            values[name] = value
+            if name == "flagfile":
+                values.update(_parse_flagfile(os.path.join(_REPO_ROOT, value)))
+            else:
+                values[name] = value
     return values
-
-
-def _guess_value(text: str):
-    """Convert a flag value to int, float or bool where it reads as one, else keep the string."""
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _config_value(field: dataclasses.Field, text: str):
@@ -111,16 +113,17 @@ def _config_value(field: dataclasses.Field, text: str):
     return type(field.default)(text)
 
 
-def student_settings(name: str, base: DetectionConfig) -> tuple[DetectionConfig, dict, str | None]:
+def student_settings(name: str, base: DetectionConfig) -> tuple[DetectionConfig, dict[str, str], str | None]:
     """Read a student's own settings from ``experiments/case2_<name>.flags``, if that file exists.
 
-    Flags named like ``DetectionConfig`` fields override ``base``, flags that
-    ``make_student`` takes as keywords become its arguments, and run flags
-    (images, output, weights) are skipped.
+    Flags named like ``DetectionConfig`` fields override ``base``,
+    ``--student_options=key=value,...`` become the student's options, and
+    run flags (images, output, weights) are skipped. The ``progress`` option
+    is turned off, because a progress bar per pair would flood the log.
 
     Returns:
-      ``(config, student_kwargs, flagfile)``; ``flagfile`` is ``None`` when
-      there is none.
+      ``(config, options, flagfile)``; ``flagfile`` is ``None`` when there is
+      none.
 
     Raises:
       app.UsageError: if the flagfile has a value of the wrong type.
@@ -129,19 +132,20 @@ def student_settings(name: str, base: DetectionConfig) -> tuple[DetectionConfig,
     if not os.path.isfile(path):
         return base, {}, None
     fields = {field.name: field for field in dataclasses.fields(DetectionConfig)}
-    student_keywords = set(inspect.signature(make_student).parameters) - {"name"}
-    overrides, kwargs = {}, {}
+    overrides, options = {}, {}
     for flag, text in _parse_flagfile(path).items():
         try:
             if flag in fields:
                 overrides[flag] = _config_value(fields[flag], text)
-            elif flag in student_keywords:
-                kwargs[flag] = _guess_value(text)
+            elif flag == "student_options":
+                options.update(entry.split("=", 1) for entry in text.split(",") if "=" in entry)
             elif flag not in _RUN_FLAGS:
-                logging.warning("%s: --%s is neither a pipeline setting nor a student argument; ignored.", path, flag)
+                logging.warning("%s: --%s is neither a pipeline setting nor a student option; ignored.", path, flag)
         except ValueError as error:
             raise app.UsageError(f"{path}: --{flag}={text} is invalid: {error}") from error
-    return dataclasses.replace(base, **overrides), kwargs, path
+    if "progress" in options:
+        options["progress"] = "false"
+    return dataclasses.replace(base, **overrides), options, path
 
 
 def build_methods(base: DetectionConfig) -> list[Method]:
@@ -154,10 +158,10 @@ def build_methods(base: DetectionConfig) -> list[Method]:
     for student_name in sorted(STUDENTS):
         if student_name == "ridge":
             continue
-        config, kwargs, flagfile = student_settings(student_name, base)
-        student = make_student(student_name, patch_size=config.patch_size, alpha=config.alpha, **kwargs)
+        config, options, flagfile = student_settings(student_name, base)
+        student = make_student(student_name, patch_size=config.patch_size, alpha=config.alpha, options=options)
         if flagfile:
-            logging.info("student %s: settings from %s", student_name, flagfile)
+            logging.info("student %s: settings from %s, options %s", student_name, flagfile, options)
         methods.append(teacher_student_method(student_name, student, config))
     return methods
 
@@ -235,10 +239,11 @@ def _run_dataset(directory: str, label: str, methods: list[Method], variables, l
         outcome.methods = {method.name: outcome.methods[method.name] for method in wanted}
         outcomes.append(outcome)
     logging.info("run %s: %d pairs x %d methods in %.1f s", label, len(pairs), len(methods), time.perf_counter() - start)
-    return outcomes
+    return pairs, outcomes
 
 
-def _report_dataset(label: str, outcomes, methods: list[Method]) -> dict:
+def _report_dataset(label: str, pairs, outcomes, methods: list[Method]) -> tuple[dict, dict[str, str]]:
+    """Write one dataset's tables and figures; return the results and the paths of the map figures."""
     start = time.perf_counter()
     results = aggregate.summarize_dataset(
         outcomes,
@@ -253,6 +258,12 @@ def _report_dataset(label: str, outcomes, methods: list[Method]) -> dict:
     directory = os.path.join(FLAGS.output_dir, label)
     written = evaluation_report.write_results(directory, results)
     written += list(plots.write_figures(results, directory).values())
+    map_figures = {}
+    for pair, outcome in list(zip(pairs, outcomes))[: FLAGS.map_figures]:
+        shown = [method.name for method in methods if method.name in outcome.methods]
+        path = os.path.join(directory, f"maps_{pair.name}.png")
+        map_figures[f"maps_{pair.name}"] = plots.plot_pair_maps(pair.inspected, outcome, shown, path)
+    written += list(map_figures.values())
     logging.info("report %s: %d files in %s in %.1f s", label, len(written), directory, time.perf_counter() - start)
     for entry in results["methods"]:
         summary = entry["summary"]
@@ -261,16 +272,19 @@ def _report_dataset(label: str, outcomes, methods: list[Method]) -> dict:
             label, entry["name"], summary["found"], summary["num_points"], summary["false_positives"],
             summary["pixel_auroc"], summary["aupro"], summary["f1_max"], summary["image_auroc"],
         )
-    return results
+    return results, map_figures
 
 
-def _write_page(all_results: list[dict]) -> None:
+def _write_page(all_results: list[dict], all_map_figures: list[dict[str, str]]) -> None:
     start = time.perf_counter()
     os.makedirs(FLAGS.figures_dir, exist_ok=True)
+    page_dir = os.path.dirname(os.path.abspath(FLAGS.results_page))
     figures = {}
-    for results in all_results:
-        written = plots.write_figures(results, FLAGS.figures_dir, prefix=f"{results['dataset']}_")
-        page_dir = os.path.dirname(os.path.abspath(FLAGS.results_page))
+    for results, map_figures in zip(all_results, all_map_figures):
+        prefix = f"{results['dataset']}_"
+        written = plots.write_figures(results, FLAGS.figures_dir, prefix=prefix)
+        for name, source in map_figures.items():
+            written[name] = shutil.copyfile(source, os.path.join(FLAGS.figures_dir, prefix + os.path.basename(source)))
         figures[results["dataset"]] = {name: os.path.relpath(path, page_dir) for name, path in written.items()}
     evaluation_report.write_results_page(FLAGS.results_page, all_results, figures)
     logging.info("results page: %s in %.1f s", FLAGS.results_page, time.perf_counter() - start)
@@ -304,12 +318,14 @@ def main(argv: list[str]) -> None:
     variables, teacher_info = hub.resolve_teacher(FLAGS.teacher_weights, last_layer=last_layer)
     logging.info("teacher weights: %s (%s) in %.2f s", teacher_info["source"], teacher_info["kind"], time.perf_counter() - start)
 
-    all_results = []
+    all_results, all_map_figures = [], []
     for directory, label in zip(datasets, labels):
-        outcomes = _run_dataset(directory, label, methods, variables, limits, last_layer)
-        all_results.append(_report_dataset(label, outcomes, methods))
+        pairs, outcomes = _run_dataset(directory, label, methods, variables, limits, last_layer)
+        results, map_figures = _report_dataset(label, pairs, outcomes, methods)
+        all_results.append(results)
+        all_map_figures.append(map_figures)
     if FLAGS.results_page:
-        _write_page(all_results)
+        _write_page(all_results, all_map_figures)
 
 
 if __name__ == "__main__":

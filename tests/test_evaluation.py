@@ -351,6 +351,11 @@ def test_write_results_and_figures(outcomes, methods, tmp_path):
         assert os.path.getsize(path) > 1000
 
 
+def test_plot_pair_maps_writes_png(pairs, outcomes, methods, tmp_path):
+    path = plots.plot_pair_maps(pairs[0].inspected, outcomes[0], [m.name for m in methods], str(tmp_path / "maps.png"))
+    assert os.path.getsize(path) > 1000
+
+
 def test_results_page_keeps_analysis(outcomes, methods, tmp_path):
     results = aggregate.summarize_dataset(outcomes, methods)
     results["dataset"] = "tiny"
@@ -393,15 +398,18 @@ def evaluate_script():
 
 
 def test_student_settings_read_flagfile(evaluate_script, tmp_path, monkeypatch):
+    (tmp_path / "base.flags").write_text("--reference=x.tif\n--patch_size=7\n--z_floor=6\n")
     (tmp_path / "case2_fancy.flags").write_text(
-        "--reference=x.tif\n--layers=layer2,layer3\n--patch_size=5\n--z_floor=8\n--unknown_flag=1\n"
+        "--flagfile=base.flags\n--layers=layer2,layer3\n--patch_size=5\n"
+        "--student_options=window=9,progress=true\n--unknown_flag=1\n"
     )
     monkeypatch.setattr(evaluate_script, "_EXPERIMENTS_DIR", str(tmp_path))
-    config, kwargs, path = evaluate_script.student_settings("fancy", DetectionConfig())
+    monkeypatch.setattr(evaluate_script, "_REPO_ROOT", str(tmp_path))
+    config, options, path = evaluate_script.student_settings("fancy", DetectionConfig())
     assert config.layers == ("layer2", "layer3")
-    assert config.patch_size == 5
-    assert config.z_floor == 8.0
-    assert kwargs == {}
+    assert config.patch_size == 5  # The outer file comes after the nested one.
+    assert config.z_floor == 6.0
+    assert options == {"window": "9", "progress": "false"}
     assert path.endswith("case2_fancy.flags")
     assert evaluate_script.student_settings("absent", DetectionConfig())[2] is None
 
@@ -430,3 +438,6 @@ def test_evaluate_script_end_to_end(evaluate_script, dataset_dir, tmp_path, shar
     page = (tmp_path / "results.md").read_text()
     assert f"{label}_roc.png" in page
     assert (tmp_path / "figures" / f"{label}_roc.png").is_file()
+    first_pair = sorted(json.loads((dataset_dir / "defects.json").read_text())["cases"])[0]
+    assert f"{label}_maps_{first_pair}.png" in page
+    assert (tmp_path / "figures" / f"{label}_maps_{first_pair}.png").is_file()

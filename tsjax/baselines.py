@@ -6,10 +6,10 @@
   of the aligned reference and of the inspected image, without a student.
 
 Both use the alignment and valid mask of the pipeline and are smoothed with
-the pipeline's ``map_sigma``, and ``absolute_difference_method`` and
-``feature_distance_method`` wrap them as ``tsjax.methods.Method`` so that
-they go through the same segmentation and metrics as the teacher–student
-variants.
+the pipeline's ``map_sigma`` over valid pixels only.
+``absolute_difference_method`` and ``feature_distance_method`` wrap them as
+``tsjax.methods.Method``, so that they go through the same segmentation and
+metrics as the teacher–student variants.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 from tsjax.config import DetectionConfig
 from tsjax.methods import Method, PairContext
+from tsjax.pipeline import feature_valid
 from tsjax.score import gaussian_smooth, upsample_to_image
 from tsjax.teacher import LAYER_STRIDES
 
@@ -88,7 +89,9 @@ def absolute_difference_map(
     """
     matched = match_intensity(inspected, aligned_reference, valid)
     difference = np.abs(aligned_reference.astype(np.float32) - matched)
-    smoothed = np.asarray(gaussian_smooth(difference[None], float(sigma)))[0]
+    # Normalised smoothing over valid pixels, as the pipeline smooths its
+    # map, so that the unscored band along the overlap edge stays out.
+    smoothed = np.asarray(gaussian_smooth(difference[None], float(sigma), valid[None]))[0]
     return np.where(valid, smoothed, 0.0).astype(np.float32)
 
 
@@ -129,12 +132,15 @@ def feature_distance_map(
     combined = np.zeros(valid.shape, np.float32)
     for layer, weight in zip(layers, weights):
         distance = ((ref_features[layer] - insp_features[layer]) ** 2).sum(-1)
-        upsampled = np.asarray(upsample_to_image(distance, LAYER_STRIDES[layer], valid.shape))[0]
+        # Features outside the valid mask stay out of the interpolation and
+        # the smoothing, as in the pipeline's map.
+        layer_valid = feature_valid(valid, layer, distance.shape[1:3])[None]
+        upsampled = np.asarray(upsample_to_image(distance, LAYER_STRIDES[layer], valid.shape, valid=layer_valid))[0]
         mean = float(upsampled[valid].mean())
         if mean > 0:
             upsampled = upsampled / mean
         combined += weight * upsampled
-    smoothed = np.asarray(gaussian_smooth(combined[None], float(sigma)))[0]
+    smoothed = np.asarray(gaussian_smooth(combined[None], float(sigma), valid[None]))[0]
     return np.where(valid, smoothed, 0.0).astype(np.float32)
 
 
@@ -152,7 +158,7 @@ def absolute_difference_method(config: DetectionConfig = DetectionConfig(), name
         defect_map = absolute_difference_map(context.alignment.aligned_reference, inspected, valid, config.map_sigma)
         return defect_map, valid
 
-    description = f"|aligned reference − intensity-matched inspected|, Gaussian σ={config.map_sigma:g} px"
+    description = f"absolute difference of the aligned reference and the intensity-matched inspected image, Gaussian σ={config.map_sigma:g} px"
     return Method(name=name, compute=compute, config=config, description=description)
 
 

@@ -158,7 +158,7 @@ def _dataset_section(results: Mapping[str, Any], figures: Mapping[str, str]) -> 
         f"### {name}",
         "",
         f"{results['num_pairs']} pairs, {results['num_points']} annotated defects, "
-        f"{results['defect_free_pairs']} defect-free pairs; "
+        f"{results['defect_free_pairs']} defect-free pair(s); "
         + ("pixel masks available." if results["has_masks"] else "points only, no pixel masks."),
         "",
         markdown_summary([(e["name"], e["summary"]) for e in results["methods"]], fpr_limit=results["fpr_limit"]),
@@ -184,6 +184,8 @@ def _dataset_section(results: Mapping[str, Any], figures: Mapping[str, str]) -> 
     for key, caption in captions.items():
         if key in figures:
             lines += [f"![{name}: {caption}]({figures[key]})", ""]
+    for key in sorted(key for key in figures if key.startswith("maps_")):
+        lines += [f"![{name}: defect maps of {key[len('maps_'):]}]({figures[key]})", ""]
     return lines
 
 
@@ -192,7 +194,9 @@ def render_results_section(all_results: Sequence[Mapping[str, Any]], figures: Ma
 
     Args:
       all_results: Per dataset, the results of ``write_results``.
-      figures: Per dataset name, the figure paths relative to the page.
+      figures: Per dataset name, the figure paths relative to the page, by
+        figure name (``roc``, ``pro``, ``recall_contrast``, ``recall_size``
+        and ``maps_<pair>``).
 
     Returns:
       Markdown text.

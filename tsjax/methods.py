@@ -189,7 +189,9 @@ def teacher_student_method(name: str, student: Student, config: DetectionConfig,
         maps = pipeline.layer_defect_maps(
             student, states, ref_features, insp_features, valid[None], config.layers, config.normalization, inspected.shape
         )
-        combined = pipeline.combine_maps(tuple(maps[layer] for layer in config.layers), config.weights, float(config.map_sigma))
+        combined = pipeline.combine_maps(
+            tuple(maps[layer] for layer in config.layers), config.weights, float(config.map_sigma), jnp.asarray(valid[None])
+        )
         return np.where(valid, np.asarray(combined[0]), 0.0).astype(np.float32), valid
 
     if not description:

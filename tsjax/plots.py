@@ -1,13 +1,15 @@
-"""Figures of an evaluation: ROC and PRO curves, recall against defect contrast and size.
+"""Figures of an evaluation: ROC and PRO curves, recall against defect contrast and size, defect maps.
 
-Every function reads the dict of ``tsjax.aggregate.summarize_dataset``
-(curves already thinned), draws one line per method and writes a PNG.
+The curve and recall functions read the dict of
+``tsjax.aggregate.summarize_dataset`` (curves already thinned), draw one
+line per method and write a PNG. ``plot_pair_maps`` shows one pair's maps
+side by side.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -16,7 +18,7 @@ matplotlib.use("Agg")  # Figures are written to files; no display is needed.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_roc", "plot_pro", "plot_recall", "write_figures"]
+__all__ = ["plot_roc", "plot_pro", "plot_recall", "plot_pair_maps", "write_figures"]
 
 # Baselines are drawn dashed so that they stand apart from the
 # teacher–student variants.
@@ -118,6 +120,49 @@ def plot_recall(results: Mapping[str, Any], key: str, xlabel: str, path: str, ti
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title(title or f"Recall against {xlabel}")
+    return _save(figure, path)
+
+
+def plot_pair_maps(inspected: np.ndarray, outcome: Any, methods: Sequence[str], path: str) -> str:
+    """Draw one pair's inspected image and each method's defect map with its blobs.
+
+    The inspected image shows the annotated defect points (red crosses) and
+    the outline of the ground-truth mask where there is one. Each map panel
+    shows the method's blobs as boxes, cyan where a blob matches a point and
+    yellow where it is a false positive, and each panel title gives the
+    counts.
+
+    Args:
+      inspected: ``[H, W]`` inspected image of the pair.
+      outcome: The pair's ``tsjax.evaluation.PairOutcome``.
+      methods: Names of the methods to show, in panel order.
+      path: PNG path.
+
+    Returns:
+      ``path``.
+    """
+    y0, x0, y1, x1 = outcome.region
+    columns = len(methods) + 1
+    height, width = y1 - y0, x1 - x0
+    figure, axes = plt.subplots(1, columns, figsize=(3.2 * columns, 3.2 * height / width + 0.5))
+    axes[0].imshow(inspected[y0:y1, x0:x1], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    if outcome.mask is not None and outcome.mask.any():
+        axes[0].contour(outcome.mask, levels=[0.5], colors="red", linewidths=0.6)
+    for x, y in outcome.points:
+        axes[0].plot(x - x0, y - y0, "+", color="red", markersize=12, markeredgewidth=1.5)
+    axes[0].set_title(f"{outcome.name}: {len(outcome.points)} defect(s)", fontsize=9)
+    for axis, name in zip(axes[1:], methods):
+        result = outcome.methods[name]
+        axis.imshow(result.defect_map, cmap="magma", interpolation="nearest")
+        false_positive_ids = set(result.match["false_positive_ids"])
+        for blob in result.blobs:
+            bx0, by0, bx1, by1 = blob["bbox"]
+            color = "yellow" if blob["id"] in false_positive_ids else "cyan"
+            axis.add_patch(plt.Rectangle((bx0 - x0 - 0.5, by0 - y0 - 0.5), bx1 - bx0, by1 - by0, fill=False, edgecolor=color))
+        match = result.match
+        axis.set_title(f"{name}: found {match['found']}/{match['num_points']}, FP {match['false_positives']}", fontsize=9)
+    for axis in axes:
+        axis.set_axis_off()
     return _save(figure, path)
 
 
