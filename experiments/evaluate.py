@@ -9,8 +9,9 @@ the real wafer data, see ``tsjax.evaluation``) and goes through the same
 segmentation and metrics. ``--synthetic_pairs`` adds a synthetic dataset,
 generated once into ``--synthetic_dir``. Per dataset, ``--output_dir`` gets
 ``results.json``, ``summary.md``, ``summary.csv``, ``pairs.csv``, the
-curve and recall figures and the defect maps of the first pairs; ``--results_page`` also writes the Markdown page that
-``docs/results.md`` is. Each pair's outcome is saved as it finishes, so an
+curve and recall figures and the defect maps of the first pairs.
+``--results_page`` also writes a Markdown page such as ``docs/results.md``.
+Each pair's outcome is saved as it finishes, so an
 interrupted run resumes, and a method added later (a new student) runs
 alone on the saved pairs.
 """
@@ -255,6 +256,7 @@ def _report_dataset(label: str, pairs, outcomes, methods: list[Method]) -> tuple
     results["dataset"] = label
     results["match_radius"] = FLAGS.match_radius
     results["methods_config"] = {method.name: dataclasses.asdict(method.config) for method in methods}
+
     directory = os.path.join(FLAGS.output_dir, label)
     written = evaluation_report.write_results(directory, results)
     written += list(plots.write_figures(results, directory).values())
@@ -264,6 +266,7 @@ def _report_dataset(label: str, pairs, outcomes, methods: list[Method]) -> tuple
         path = os.path.join(directory, f"maps_{pair.name}.png")
         map_figures[f"maps_{pair.name}"] = plots.plot_pair_maps(pair.inspected, outcome, shown, path)
     written += list(map_figures.values())
+
     logging.info("report %s: %d files in %s in %.1f s", label, len(written), directory, time.perf_counter() - start)
     for entry in results["methods"]:
         summary = entry["summary"]
