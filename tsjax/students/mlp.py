@@ -142,9 +142,10 @@ class MLPStudent:
       batch_size: Pixels per step, drawn with replacement from the training
         pixels.
       clip_norm: Maximum global norm of the gradient.
-      holdout_fraction: Fraction of the pixels held out for early stopping.
-      max_holdout_pixels: Cap on the held-out pixels, so that an evaluation
-        costs no more than this many forward passes.
+      holdout_fraction: Fraction of the pixel positions held out for early
+        stopping; a held-out position is held out in every pair of the batch.
+      max_holdout_pixels: Cap on the held-out pixels over the batch, so that
+        an evaluation costs no more than this many forward passes.
       eval_every: Steps per round; the held-out loss is evaluated after
         each round.
       patience: Rounds without a lower held-out loss before training stops.
@@ -227,8 +228,15 @@ class MLPStudent:
 
         split_key, init_key, batch_key = jax.random.split(key, 3)
         del key
-        holdout_size = min(max(1, round(self.holdout_fraction * count)), self.max_holdout_pixels, count - 1)
-        holdout_index = jax.random.permutation(split_key, count)[:holdout_size]
+        # Hold out pixel positions in every pair at once, so that augmented
+        # copies of a held-out pixel are never trained on.
+        batch = jnp.shape(ref)[0]
+        positions = count // batch
+        held_positions = min(
+            max(1, round(self.holdout_fraction * positions)), max(1, self.max_holdout_pixels // batch), positions - 1
+        )
+        held = jax.random.permutation(split_key, positions)[:held_positions]
+        holdout_index = (jnp.arange(batch)[:, None] * positions + held[None, :]).reshape(-1)
         holdout_weight = weight[holdout_index]
         train_weight = weight.at[holdout_index].set(0.0)
 
