@@ -32,11 +32,12 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
 from tsjax import io, sharding
 from tsjax.align import Alignment, overlap_mask
-from tsjax.align_jax import ESTIMATOR_NAMES, align_on_canvas
+from tsjax.align_jax import ESTIMATOR_NAMES, CanvasAlignment, align_on_canvas
 from tsjax.canvas import (
     CANVAS_MULTIPLE,
     canvas_features,
@@ -83,6 +84,10 @@ STAGES = ("align", "teacher", "student_fit", "score", "postprocess")
 _UPSAMPLE_FACTOR = 20
 
 _TRACES: collections.Counter = collections.Counter()
+
+# Partition specs of per-pair arrays and of values every device needs whole.
+_PAIRS = PartitionSpec(sharding.PAIR_AXIS)
+_WHOLE = PartitionSpec()
 
 
 def trace_counts() -> dict[str, int]:
@@ -175,8 +180,10 @@ def prepare_batch(
     return PairBatch(canvas_refs, canvas_insp, sizes, covered)
 
 
-@functools.partial(jax.jit, static_argnames=("exact",))
-def align_stage(references: jax.Array, inspected: jax.Array, sizes: jax.Array, *, exact: bool):
+@functools.partial(jax.jit, static_argnames=("exact", "mesh"))
+def align_stage(
+    references: jax.Array, inspected: jax.Array, sizes: jax.Array, *, exact: bool, mesh: Mesh | None = None
+) -> CanvasAlignment:
     """Align every pair of a batch with ``tsjax.align_jax.align_on_canvas``.
 
     The pairs run one after the other inside the compiled call
@@ -188,18 +195,23 @@ def align_stage(references: jax.Array, inspected: jax.Array, sizes: jax.Array, *
       inspected: ``[B, Hb, Wb]`` canvases.
       sizes: ``[B, 2]`` int32 image sizes.
       exact: True when every size equals the canvas shape (plain FFTs).
+      mesh: Split the pairs over this mesh's devices (``tsjax.sharding``).
 
     Returns:
       A batched ``CanvasAlignment`` (leading axis ``B``).
     """
     _TRACES["align"] += 1
-    return jax.lax.map(
-        lambda pair: align_on_canvas(*pair, exact=exact, upsample_factor=_UPSAMPLE_FACTOR),
-        (references, inspected, sizes),
-    )
+
+    def align_all(references, inspected, sizes):
+        return jax.lax.map(
+            lambda pair: align_on_canvas(*pair, exact=exact, upsample_factor=_UPSAMPLE_FACTOR),
+            (references, inspected, sizes),
+        )
+
+    return sharding.per_device(align_all, mesh, (_PAIRS,) * 3)(references, inspected, sizes)
 
 
-@functools.partial(jax.jit, static_argnames=("layers", "last_layer", "denoise_sigma"))
+@functools.partial(jax.jit, static_argnames=("layers", "last_layer", "denoise_sigma", "mesh"))
 def teacher_stage(
     variables: Mapping,
     aligned: jax.Array,
@@ -209,6 +221,7 @@ def teacher_stage(
     layers: tuple[str, ...],
     last_layer: str,
     denoise_sigma: float,
+    mesh: Mesh | None = None,
 ) -> dict[str, jax.Array]:
     """Extract teacher features of both images of every pair.
 
@@ -221,6 +234,7 @@ def teacher_stage(
       layers: Layers to return.
       last_layer: Deepest layer to compute.
       denoise_sigma: Gaussian sigma applied to both images first; 0 disables.
+      mesh: Split the pairs over this mesh's devices (``tsjax.sharding``).
 
     Returns:
       Per layer, ``[B, 2, h, w, C]`` features (reference first), with the
@@ -228,13 +242,18 @@ def teacher_stage(
     """
     _TRACES["teacher"] += 1
 
-    def one_pair(reference: jax.Array, target: jax.Array, extent: jax.Array) -> dict[str, jax.Array]:
+    def one_pair(variables: Mapping, reference: jax.Array, target: jax.Array, extent: jax.Array) -> dict[str, jax.Array]:
         extents = jnp.stack([extent, extent])
         images = gaussian_filter_reflect(jnp.stack([reference, target]), extents, denoise_sigma)
         features = canvas_features(variables, images, extents, last_layer)
         return {layer: replicate_edges(features[layer], extents, LAYER_STRIDES[layer]) for layer in layers}
 
-    return jax.vmap(one_pair)(aligned, inspected, extents)
+    def all_pairs(variables, aligned, inspected, extents):
+        return jax.vmap(one_pair, in_axes=(None, 0, 0, 0))(variables, aligned, inspected, extents)
+
+    return sharding.per_device(all_pairs, mesh, (_WHOLE, _PAIRS, _PAIRS, _PAIRS))(
+        variables, aligned, inspected, extents
+    )
 
 
 def _layer_weight(valid: jax.Array, layer: str) -> jax.Array:
@@ -257,9 +276,14 @@ def _pair_moments(
     return moments
 
 
-@functools.partial(jax.jit, static_argnames=("layers", "patch_size"))
+@functools.partial(jax.jit, static_argnames=("layers", "patch_size", "mesh"))
 def moments_stage(
-    features: Mapping[str, jax.Array], valid: jax.Array, *, layers: tuple[str, ...], patch_size: int | None
+    features: Mapping[str, jax.Array],
+    valid: jax.Array,
+    *,
+    layers: tuple[str, ...],
+    patch_size: int | None,
+    mesh: Mesh | None = None,
 ) -> dict[str, RidgeMoments]:
     """Compute the ridge moments of every pair (or tile) and layer.
 
@@ -269,17 +293,28 @@ def moments_stage(
       layers: Layers to compute.
       patch_size: The ridge student's patch side, or ``None`` for the
         moments of the inspected features alone (``tsjax.moments.target_moments``).
+      mesh: Split the pairs over this mesh's devices (``tsjax.sharding``).
 
     Returns:
       Per layer, ``RidgeMoments`` with a leading axis ``B``.
     """
     _TRACES["moments"] += 1
-    return jax.vmap(lambda pair, mask: _pair_moments(pair, mask, layers, patch_size))(features, valid)
+
+    def all_pairs(features, valid):
+        return jax.vmap(lambda pair, mask: _pair_moments(pair, mask, layers, patch_size))(features, valid)
+
+    return sharding.per_device(all_pairs, mesh, (_PAIRS, _PAIRS))(features, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("layers", "student"))
+@functools.partial(jax.jit, static_argnames=("layers", "student", "mesh"))
 def fit_stage(
-    features: Mapping[str, jax.Array], valid: jax.Array, key: jax.Array, *, layers: tuple[str, ...], student: Student
+    features: Mapping[str, jax.Array],
+    valid: jax.Array,
+    key: jax.Array,
+    *,
+    layers: tuple[str, ...],
+    student: Student,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """Fit one student state per pair and layer on the pair's valid pixels.
 
@@ -293,23 +328,17 @@ def fit_stage(
       key: PRNG key; layer ``i`` uses ``fold_in(key, i)``, as in ``detect``.
       layers: Layers to fit.
       student: The student.
+      mesh: Split the pairs over this mesh's devices (``tsjax.sharding``).
 
     Returns:
       Per layer, the student state with a leading axis ``B``.
     """
     _TRACES["student_fit"] += 1
 
-    if isinstance(student, RidgeStudent):
+    def solve(pair: dict[str, RidgeMoments]) -> dict[str, Any]:
+        return {layer: solve_moments(pair[layer], student.alpha) for layer in layers}
 
-        def solve(pair: dict[str, RidgeMoments]) -> dict[str, Any]:
-            return {layer: solve_moments(pair[layer], student.alpha) for layer in layers}
-
-        moments = jax.vmap(lambda pair, mask: _pair_moments(pair, mask, layers, student.patch_size))(features, valid)
-        # The Cholesky solves run one pair after the other: vmapped, the
-        # batched factorisation measured several times slower on CPU.
-        return jax.lax.map(solve, moments)
-
-    def one_pair(pair_features: Mapping[str, jax.Array], pair_valid: jax.Array) -> dict[str, Any]:
+    def one_pair(pair_features: Mapping[str, jax.Array], pair_valid: jax.Array, key: jax.Array) -> dict[str, Any]:
         states = {}
         for index, layer in enumerate(layers):
             reference, target = pair_features[layer][0], pair_features[layer][1]
@@ -317,7 +346,15 @@ def fit_stage(
             states[layer] = student.fit(reference[None], target[None], weight[None], jax.random.fold_in(key, index))
         return states
 
-    return jax.vmap(one_pair)(features, valid)
+    def all_pairs(features, valid, key):
+        if isinstance(student, RidgeStudent):
+            moments = jax.vmap(lambda pair, mask: _pair_moments(pair, mask, layers, student.patch_size))(features, valid)
+            # The Cholesky solves run one pair after the other: vmapped, the
+            # batched factorisation measured several times slower on CPU.
+            return jax.lax.map(solve, moments)
+        return jax.vmap(one_pair, in_axes=(0, 0, None))(features, valid, key)
+
+    return sharding.per_device(all_pairs, mesh, (_PAIRS, _PAIRS, _WHOLE))(features, valid, key)
 
 
 class ScoreStatistics(NamedTuple):
@@ -347,7 +384,7 @@ def _score_with_statistics(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("layers", "student", "normalization", "weights", "sigma", "shared_states")
+    jax.jit, static_argnames=("layers", "student", "normalization", "weights", "sigma", "shared_states", "mesh")
 )
 def score_stage(
     features: Mapping[str, jax.Array],
@@ -362,6 +399,7 @@ def score_stage(
     weights: tuple[float, ...],
     sigma: float,
     shared_states: bool,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Predict, score, upsample, combine and smooth every pair's maps.
 
@@ -380,6 +418,7 @@ def score_stage(
       weights: Per-layer weights summing to 1.
       sigma: Gaussian sigma of the combined map in px.
       shared_states: Whether ``states`` has no batch axis.
+      mesh: Split the pairs over this mesh's devices (``tsjax.sharding``).
 
     Returns:
       ``(defect_maps, layer_maps)``: ``[B, Hc, Wc]`` maps, zero outside
@@ -387,7 +426,7 @@ def score_stage(
     """
     _TRACES["score"] += 1
 
-    def one_pair(pair_features, pair_states, pair_valid, extent):
+    def one_pair(pair_features, pair_states, pair_valid, extent, statistics):
         coarse, feature_valid = {}, {}
         for layer in layers:
             reference, target = pair_features[layer][0], pair_features[layer][1]
@@ -403,7 +442,13 @@ def score_stage(
         return combined[0], {layer: value[0] for layer, value in layer_maps.items()}
 
     state_axis = None if shared_states else 0
-    return jax.vmap(one_pair, in_axes=(0, state_axis, 0, 0))(features, states, valid, extents)
+
+    def all_pairs(features, states, valid, extents, statistics):
+        return jax.vmap(one_pair, in_axes=(0, state_axis, 0, 0, None))(features, states, valid, extents, statistics)
+
+    state_spec = _WHOLE if shared_states else _PAIRS
+    in_specs = (_PAIRS, state_spec, _PAIRS, _PAIRS, _WHOLE)
+    return sharding.per_device(all_pairs, mesh, in_specs)(features, states, valid, extents, statistics)
 
 
 def _grid_shift(shift: np.ndarray, upsample_factor: int) -> tuple[float, float]:
@@ -412,11 +457,14 @@ def _grid_shift(shift: np.ndarray, upsample_factor: int) -> tuple[float, float]:
     return tuple(float(np.round(float(value) * upsample_factor) / upsample_factor) for value in shift)
 
 
-def _align_with_jax(batch: PairBatch, margin: int) -> tuple[jax.Array, list[dict], list[np.ndarray]]:
+def _align_with_jax(batch: PairBatch, margin: int, mesh: Mesh | None) -> tuple[jax.Array, list[dict], list[np.ndarray]]:
     # Returns the aligned references on the device, per pair the fields of
     # its Alignment except the aligned reference, and the valid masks.
     exact = bool(np.all(batch.sizes == np.asarray(batch.references.shape[1:])))
-    result = align_stage(batch.references, batch.inspected, batch.sizes, exact=exact)
+    arrays = (batch.references, batch.inspected, batch.sizes)
+    if mesh is not None:
+        arrays = sharding.shard_pairs(arrays, mesh)
+    result = align_stage(*arrays, exact=exact, mesh=mesh)
     host = jax.device_get(result._replace(aligned_reference=None))
     records, valids = [], []
     for index, (height, width) in enumerate(batch.sizes):
@@ -481,14 +529,14 @@ def _run_bucket(
     student: Student,
     states: Mapping[str, Any] | None,
     aligner: str,
-    mesh,
+    mesh: Mesh | None,
     real_count: int,
 ) -> list[Detection]:
     timings = {}
 
     start = time.perf_counter()
     if aligner == "jax":
-        aligned, alignment_records, valids = _align_with_jax(batch, config.margin)
+        aligned, alignment_records, valids = _align_with_jax(batch, config.margin, mesh)
     else:
         aligned, alignment_records, valids = _align_with_numpy(batch, config.margin)
     valid = _pad_to_canvas(valids, batch.inspected.shape[1:])
@@ -509,6 +557,7 @@ def _run_bucket(
         layers=config.layers,
         last_layer=config.deepest_layer,
         denoise_sigma=float(config.denoise_sigma),
+        mesh=mesh,
     )
     jax.block_until_ready(features)
     timings["teacher"] = time.perf_counter() - start
@@ -521,7 +570,8 @@ def _run_bucket(
             channels = features[layer].shape[-1]
             for pair_valid in valids[:real_count]:
                 _warn_if_underdetermined(layer, int(pair_valid[::stride, ::stride].sum()), config.patch_size, channels)
-        states = fit_stage(features, valid, jax.random.key(config.seed), layers=config.layers, student=student)
+        key = jax.random.key(config.seed)
+        states = fit_stage(features, valid, key, layers=config.layers, student=student, mesh=mesh)
     jax.block_until_ready(states)
     timings["student_fit"] = time.perf_counter() - start
 
@@ -537,6 +587,7 @@ def _run_bucket(
         weights=config.weights,
         sigma=float(config.map_sigma),
         shared_states=shared_states,
+        mesh=mesh,
     )
     defect_maps, layer_maps, aligned = jax.device_get((defect_maps, layer_maps, aligned))
     timings["score"] = time.perf_counter() - start
