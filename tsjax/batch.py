@@ -319,8 +319,8 @@ def fit_stage(
     """Fit one student state per pair and layer on the pair's valid pixels.
 
     The ridge student is fitted from its moments (``tsjax.moments``), which
-    gives ``RidgeStudent.fit``'s solution with about half the work; other
-    students call their own ``fit``.
+    gives ``RidgeStudent.fit``'s solution while computing only three quarters
+    of the symmetric scatter matrix; other students call their own ``fit``.
 
     Args:
       features: ``teacher_stage``'s output.

@@ -47,19 +47,16 @@ class RidgeMoments(NamedTuple):
     target_energy: jax.Array
 
 
-def _symmetric_scatter(weighted: jax.Array, centred: jax.Array, block: int) -> jax.Array:
-    # The scatter is symmetric, so only the blocks on and above the block
-    # diagonal are computed: one product per block row, against the columns
-    # from that block on, which takes about 55 % of the full product's work
-    # for a 3 x 3 patch.
-    dim = centred.shape[1]
-    rows = []
-    for start in range(0, dim, block):
-        product = weighted[:, start : start + block].T @ centred[:, start:]
-        rows.append(jnp.pad(product, ((0, 0), (start, 0))))
-    upper = jnp.concatenate(rows, axis=0)
-    block_index = jnp.arange(dim) // block
-    return jnp.where(block_index[:, None] <= block_index[None, :], upper, upper.T)
+def _symmetric_scatter(weighted: jax.Array, centred: jax.Array) -> jax.Array:
+    # The scatter [[A, B], [B^T, D]] is symmetric, so B^T is not computed:
+    # two products (the top rows, then the bottom-right block) do 75 % of
+    # the full product's work. Finer blocks measured slower on CPU, as
+    # narrow matrix products use the cores less well.
+    half = centred.shape[1] // 2
+    top = weighted[:, :half].T @ centred
+    bottom_right = weighted[:, half:].T @ centred[:, half:]
+    bottom = jnp.concatenate([top[:, half:].T, bottom_right], axis=1)
+    return jnp.concatenate([top, bottom], axis=0)
 
 
 def patch_moments(ref: ArrayLike, insp: ArrayLike, weight: ArrayLike, patch_size: int) -> RidgeMoments:
@@ -82,7 +79,6 @@ def patch_moments(ref: ArrayLike, insp: ArrayLike, weight: ArrayLike, patch_size
     ref = jnp.asarray(ref, jnp.float32)
     insp = jnp.asarray(insp, jnp.float32)
     weight = jnp.asarray(weight, jnp.float32).reshape(-1)
-    channels = ref.shape[-1]
     inputs = extract_patches(ref[None], patch_size)[0].reshape(weight.size, -1)
     targets = insp.reshape(weight.size, -1)
     count = weight.sum()
@@ -96,7 +92,7 @@ def patch_moments(ref: ArrayLike, insp: ArrayLike, weight: ArrayLike, patch_size
         count=count,
         input_mean=input_mean,
         target_mean=target_mean,
-        input_scatter=_symmetric_scatter(weighted, centred, channels),
+        input_scatter=_symmetric_scatter(weighted, centred),
         cross_scatter=weighted.T @ centred_targets,
         target_energy=(weight * (centred_targets**2).sum(-1)).sum(),
     )

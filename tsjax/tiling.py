@@ -316,8 +316,8 @@ def detect_tiled(
         ridge student is fitted on the whole pair from the tiles' moments.
       tile_size: Interior side of a tile in px.
       halo: Context per tile side in px; ``tile_halo(config)`` by default.
-      tile_batch: Tiles per compiled call (rounded up to a multiple of the
-        mesh's device count).
+      tile_batch: Tiles per compiled call, at most the number of tiles
+        (then rounded up to a multiple of the mesh's device count).
       align_window: Side of the centred window the shift is estimated on.
       feature_cache_bytes: Keep all tiles' features between the two passes
         when they take at most this many bytes (0 never keeps them).
@@ -348,7 +348,8 @@ def detect_tiled(
     reference = io.validate_image(np.asarray(reference, np.float32), "reference")
     plan = plan_tiles(inspected.shape, config, tile_size, halo)
     devices = 1 if mesh is None else mesh.size
-    tile_batch = int(math.ceil(tile_batch / devices) * devices)
+    # A batch never holds more filling copies than the mesh needs.
+    tile_batch = int(math.ceil(min(tile_batch, plan.count) / devices) * devices)
     if mesh is not None:
         variables = sharding.replicate(variables, mesh)
     timings = collections.defaultdict(float)
