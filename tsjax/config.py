@@ -8,6 +8,8 @@ from tsjax.teacher import LAYER_STRIDES, LAYERS
 
 __all__ = ["DetectionConfig"]
 
+DEFAULT_ALPHA = 1e-3
+
 
 @dataclasses.dataclass(frozen=True)
 class DetectionConfig:
@@ -50,7 +52,7 @@ class DetectionConfig:
     layers: tuple[str, ...] = ("layer1", "layer2")
     layer_weights: tuple[float, ...] | None = None
     patch_size: int = 3
-    alpha: float = 1e-3
+    alpha: float = DEFAULT_ALPHA
     normalization: str = "global"
     denoise_sigma: float = 0.0
     map_sigma: float = 4.0
@@ -79,9 +81,11 @@ class DetectionConfig:
             if min(self.layer_weights) < 0 or sum(self.layer_weights) <= 0:
                 raise ValueError(f"layer_weights {self.layer_weights} must be >= 0 with a positive sum.")
         if not isinstance(self.patch_size, int) or self.patch_size < 1 or self.patch_size % 2 == 0:
-            raise ValueError(f"patch_size must be a positive odd integer; got {self.patch_size!r}.")
+            raise ValueError(
+                f"patch_size must be a positive odd integer; got {self.patch_size!r}. Use 1, 3 (the default) or 5."
+            )
         if not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0; got {self.alpha!r}.")
+            raise ValueError(f"alpha must be >= 0; got {self.alpha!r}. The default is {DEFAULT_ALPHA}.")
         if self.normalization not in ("global", "pixel"):
             raise ValueError(f"normalization={self.normalization!r} is unknown; use 'global' or 'pixel'.")
         for name in ("denoise_sigma", "map_sigma", "z_floor"):

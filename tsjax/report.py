@@ -25,9 +25,13 @@ def check_output_dir(output_dir: str, *, overwrite: bool) -> None:
     """Create ``output_dir``, or reject it if it already holds a run's results.
 
     Raises:
-      FileExistsError: if ``detections.json`` exists there and ``overwrite``
-        is false.
+      FileExistsError: if ``output_dir`` is a file, or ``detections.json``
+        exists there and ``overwrite`` is false.
     """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(
+            f"output folder {output_dir!r} is a file, not a folder; choose another --output_dir."
+        )
     existing = os.path.join(output_dir, "detections.json")
     if os.path.exists(existing) and not overwrite:
         raise FileExistsError(
