@@ -25,12 +25,17 @@ __all__ = ["plot_roc", "plot_pro", "plot_recall", "plot_pair_maps", "write_figur
 _BASELINE_STYLE = {"abs_diff": "--", "feature_l2": ":"}
 
 
+# Panels per row of a defect-map figure, so that it fits a page's width.
+_MAP_COLUMNS = 3
+_MAP_DPI = 60
+
+
 def _style(name: str) -> str:
     return _BASELINE_STYLE.get(name, "-")
 
 
-def _save(figure: plt.Figure, path: str) -> str:
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+def _save(figure: plt.Figure, path: str, dpi: int = 110) -> str:
+    figure.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(figure)
     return path
 
@@ -142,9 +147,14 @@ def plot_pair_maps(inspected: np.ndarray, outcome: Any, methods: Sequence[str], 
       ``path``.
     """
     y0, x0, y1, x1 = outcome.region
-    columns = len(methods) + 1
+    panels = len(methods) + 1
+    columns = min(panels, _MAP_COLUMNS)
+    rows = -(-panels // columns)
     height, width = y1 - y0, x1 - x0
-    figure, axes = plt.subplots(1, columns, figsize=(3.2 * columns, 3.2 * height / width + 0.5))
+    figure, grid = plt.subplots(
+        rows, columns, figsize=(3.4 * columns, rows * (3.4 * height / width + 0.4)), squeeze=False
+    )
+    axes = grid.ravel()
     axes[0].imshow(inspected[y0:y1, x0:x1], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     if outcome.mask is not None and outcome.mask.any():
         axes[0].contour(outcome.mask, levels=[0.5], colors="red", linewidths=0.6)
@@ -163,7 +173,9 @@ def plot_pair_maps(inspected: np.ndarray, outcome: Any, methods: Sequence[str], 
         axis.set_title(f"{name}: found {match['found']}/{match['num_points']}, FP {match['false_positives']}", fontsize=9)
     for axis in axes:
         axis.set_axis_off()
-    return _save(figure, path)
+    figure.tight_layout()
+    # Noisy maps compress poorly, so a lower resolution keeps the PNG small.
+    return _save(figure, path, dpi=_MAP_DPI)
 
 
 def write_figures(results: Mapping[str, Any], directory: str | os.PathLike, prefix: str = "") -> dict[str, str]:
