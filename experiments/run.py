@@ -192,7 +192,7 @@ def _student_and_states(variables, teacher_sha256: str, config: DetectionConfig)
         )
         if FLAGS["student"].present and FLAGS.student != student.name:
             raise app.UsageError(
-                f"--student={FLAGS.student} but {FLAGS.student_checkpoint} holds a {student.name!r} student; "
+                f"--student={FLAGS.student} but {FLAGS.student_checkpoint} contains a {student.name!r} student; "
                 "drop --student or pass its name."
             )
         logging.info("student: loaded %s from %s in %.2f s", student.name, FLAGS.student_checkpoint, time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """Train a student on defect-free pairs and save it for experiments.run.
 
     python -m experiments.train --flagfile=experiments/train_mlp.flags
-    python -m experiments.run --flagfile=experiments/case2.flags --student_checkpoint=checkpoints/mlp
+    python -m experiments.run --flagfile=experiments/case3.flags \
+        --student_checkpoint=outputs/checkpoints/mlp_case3 --output_dir=outputs/case3_mlp_ckpt
 
 The training pairs, student, layers, patch size, seed and augmentation are
 set with the runner's flags (--train_reference, --train_inspected,

@@ -96,7 +96,7 @@ def test_checkpoint_mismatch_is_named(ridge_checkpoint, run, names):
 
 
 def test_checkpoint_refuses_to_overwrite(ridge_checkpoint):
-    with pytest.raises(ValueError, match="already holds a student checkpoint"):
+    with pytest.raises(ValueError, match="already contains a student checkpoint"):
         _fit_and_save(ridge_checkpoint, _RIDGE, _maps(1))
 
 

@@ -1,6 +1,6 @@
 """Save a trained student with its settings, and load it back checked.
 
-A checkpoint folder holds ``student.json`` (the student's name and
+A checkpoint folder contains ``student.json`` (the student's name and
 hyperparameters, the teacher layers, the patch size, the SHA-256 of the
 teacher variables and the input shapes it was fitted on) and ``states/``,
 the per-layer states written by ``orbax.checkpoint.StandardCheckpointer``.
@@ -87,7 +87,7 @@ def save_student(
     if os.path.exists(metadata_path) or os.path.exists(states_path):
         if not overwrite:
             raise ValueError(
-                f"{directory} already holds a student checkpoint; pass overwrite=True (--overwrite) "
+                f"{directory} already contains a student checkpoint; pass overwrite=True (--overwrite) "
                 "to replace it or choose another folder."
             )
         shutil.rmtree(states_path, ignore_errors=True)
@@ -114,7 +114,7 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     """Read ``student.json`` of a checkpoint.
 
     Raises:
-      FileNotFoundError: if ``directory`` holds no ``student.json``.
+      FileNotFoundError: if ``directory`` contains no ``student.json``.
       ValueError: if the file is from another checkpoint format.
     """
     path = os.path.join(os.fspath(directory), METADATA_FILE)
@@ -148,7 +148,7 @@ def load_student(
       ``(student, states)`` with states keyed by layer.
 
     Raises:
-      FileNotFoundError: if ``directory`` holds no checkpoint.
+      FileNotFoundError: if ``directory`` contains no checkpoint.
       StudentMismatchError: if the teacher hash, layers or patch size differ;
         the message names each difference.
       ValueError: for an unknown format or student.

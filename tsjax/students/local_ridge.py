@@ -102,10 +102,14 @@ def _penalty(alpha: float, trace: jax.Array, largest_norm: jax.Array, dim: int, 
 
 
 def _cholesky_solve(matrix: jax.Array, vector: jax.Array) -> jax.Array:
-    """Solve ``matrix @ x = vector`` for a symmetric positive definite matrix."""
-    lower = jnp.linalg.cholesky(matrix)
-    half = jax.scipy.linalg.solve_triangular(lower, vector[:, None], lower=True)
-    return jax.scipy.linalg.solve_triangular(lower, half, lower=True, trans=1)[:, 0]
+    """Solve ``matrix @ x = vector`` for a symmetric positive definite matrix.
+
+    Only the lower triangle is read, so the input is not symmetrised first
+    (``jnp.linalg.cholesky`` would spend one more pass over every matrix).
+    """
+    lower = jax.lax.linalg.cholesky(matrix, symmetrize_input=False)
+    half = jax.lax.linalg.triangular_solve(lower, vector[:, None], left_side=True, lower=True)
+    return jax.lax.linalg.triangular_solve(lower, half, left_side=True, lower=True, transpose_a=True)[:, 0]
 
 
 def _combination(weights: jax.Array, gain: jax.Array) -> jax.Array:
@@ -119,25 +123,22 @@ def _combination(weights: jax.Array, gain: jax.Array) -> jax.Array:
     return share + gain - share * gain.sum()
 
 
-def _dual_coefficients(
-    gram_rows: jax.Array, weights: jax.Array, fit_columns: np.ndarray, centre: int, alpha: float, dim: int
-) -> jax.Array:
+def _dual_coefficients(gram_rows: jax.Array, weights: jax.Array, alpha: float, dim: int) -> jax.Array:
     """Solve one window in kernel form.
 
     Args:
-      gram_rows: ``[n, w * w]`` inner products of the fitted samples' patches
-        with every window sample's patch.
+      gram_rows: ``[n, n + 1]`` inner products of the fitted samples' patches
+        with the fitted samples' patches, then with the centre's patch.
       weights: ``[n]`` 0/1 sample weights (0 for invalid pixels).
-      fit_columns: ``[n]`` static window indices of the fitted samples.
-      centre: Static window index of the pixel being predicted.
       alpha: Relative ridge penalty.
       dim: Feature dimension ``d`` (sets the penalty's scale).
 
     Returns:
       ``[n]`` weights ``beta`` with prediction ``sum_i beta_i y_i``.
     """
-    gram = gram_rows[:, fit_columns]
-    cross = gram_rows[:, centre]
+    samples = gram_rows.shape[0]
+    gram = gram_rows[:, :samples]
+    cross = gram_rows[:, samples]
     share = weights / jnp.maximum(weights.sum(), 1.0)
     # Centre the Gram matrix on the weighted mean patch, which is the dual
     # counterpart of fitting an unpenalised intercept.
@@ -147,7 +148,6 @@ def _dual_coefficients(
     centred_cross = cross - row_mean - cross @ share + grand_mean
     root = jnp.sqrt(weights)
     system = root[:, None] * centred * root[None, :]
-    samples = len(fit_columns)
     largest_norm = jnp.max(weights * jnp.diagonal(gram))
     penalty = _penalty(alpha, jnp.trace(system), largest_norm, dim, samples)
     solution = _cholesky_solve(system + penalty * jnp.eye(samples, dtype=system.dtype), root * centred_cross)
@@ -193,32 +193,53 @@ def _shifted_grams(tile: jax.Array, window: int, patch_size: int) -> jax.Array:
     """
     reach = 2 * (window // 2)
     height, width = tile.shape[:2]
-    padded = jnp.pad(tile, ((reach, reach), (reach, reach), (0, 0)))
     span = 2 * reach + 1
-    displacements = jnp.asarray(np.stack(np.unravel_index(np.arange(span * span), (span, span)), axis=-1))
+    # Only the displacements from the centre of the (2w - 1)^2 grid on (in
+    # row-major order) are computed. The others follow from the symmetry
+    # S_{-delta}(p) = S_delta(p - delta), a shifted copy.
+    middle = span * span // 2
+    upper = np.stack(np.unravel_index(np.arange(middle, span * span), (span, span)), axis=-1)
+    padded = jnp.pad(tile, ((reach, reach), (reach, reach), (0, 0)))
 
     def channel_dot(displacement: jax.Array) -> jax.Array:
         moved = jax.lax.dynamic_slice(padded, (displacement[0], displacement[1], 0), tile.shape)
         return jnp.einsum("yxc,yxc->yx", tile, moved)
 
-    products = jax.lax.map(channel_dot, displacements)
+    products = jax.lax.map(channel_dot, jnp.asarray(upper))
     half = patch_size // 2
     out_height, out_width = height - 2 * half, width - 2 * half
     boxed = sum(
         products[:, i : i + out_height, j : j + out_width] for i in range(patch_size) for j in range(patch_size)
     )
-    return boxed.reshape(span, span, out_height, out_width)
+
+    # Lower displacement t is the negative of upper displacement
+    # span^2 - 1 - t; read that map at p - delta through a zero border.
+    boxed_padded = jnp.pad(boxed, ((0, 0), (reach, reach), (reach, reach)))
+    lower_sources = np.arange(span * span - 1, middle, -1) - middle
+    lower_starts = np.stack([2 * reach - upper[lower_sources, 0], 2 * reach - upper[lower_sources, 1]], axis=-1)
+
+    def mirror(index: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice(boxed_padded, (index[0], index[1], index[2]), (1, out_height, out_width))[0]
+
+    lower = jax.lax.map(mirror, jnp.asarray(np.concatenate([lower_sources[:, None], lower_starts], axis=1)))
+    return jnp.concatenate([lower, boxed], axis=0).reshape(span, span, out_height, out_width)
 
 
-def _window_gram_rows(grams: jax.Array, offsets: np.ndarray, rows: int, cols: int) -> jax.Array:
+def _window_gram_rows(grams: jax.Array, offsets: np.ndarray, columns: np.ndarray, rows: int, cols: int) -> jax.Array:
     """Read each pixel's Gram rows from the displacement maps of ``_shifted_grams``.
 
-    Row ``i`` of pixel ``q``'s Gram holds ``<x(q + u_i), x(q + v)>`` for every
-    window offset ``v``: displacement ``v - u_i`` read at ``q + u_i``. For a
+    Row ``i`` of pixel ``q``'s Gram holds ``<x(q + u_i), x(q + v)>`` for the
+    window offsets ``v``: displacement ``v - u_i`` read at ``q + u_i``. For a
     fixed ``u_i`` that is one contiguous slab of ``grams``.
 
+    Args:
+      grams: Output of ``_shifted_grams``.
+      offsets: ``[n, 2]`` static (dy, dx) offsets ``u_i`` of the rows.
+      columns: Static window indices of the columns ``v`` to keep.
+      rows, cols: Block size in pixels.
+
     Returns:
-      ``[rows, cols, n, w * w]`` for the ``n`` window ``offsets``.
+      ``[rows, cols, n, len(columns)]``.
     """
     window = (grams.shape[0] + 1) // 2
     radius = window // 2
@@ -228,9 +249,10 @@ def _window_gram_rows(grams: jax.Array, offsets: np.ndarray, rows: int, cols: in
     def copy_row(index: int, buffer: jax.Array) -> jax.Array:
         start = starts[index]
         slab = jax.lax.dynamic_slice(grams, tuple(start), (window, window, rows, cols))
-        return jax.lax.dynamic_update_slice(buffer, slab.reshape(1, window * window, rows, cols), (index, 0, 0, 0))
+        slab = jnp.take(slab.reshape(window * window, rows, cols), columns, axis=0)
+        return jax.lax.dynamic_update_slice(buffer, slab[None], (index, 0, 0, 0))
 
-    buffer = jnp.zeros((len(offsets), window * window, rows, cols), grams.dtype)
+    buffer = jnp.zeros((len(offsets), len(columns), rows, cols), grams.dtype)
     buffer = jax.lax.fori_loop(0, len(offsets), copy_row, buffer)
     return jnp.transpose(buffer, (2, 3, 0, 1))
 
@@ -447,8 +469,9 @@ def _predict_one(
         weights = _window_stack(tiles.valid, fit_offsets, rows, width, radius)
         if form == "dual":
             grams = _shifted_grams(tiles.local_ref, window, patch_size)
-            gram_rows = _window_gram_rows(grams, fit_offsets, rows, width)
-            solver = jax.vmap(jax.vmap(lambda g, v: _dual_coefficients(g, v, fit_index, centre, alpha, dim)))
+            columns = np.append(fit_index, centre)
+            gram_rows = _window_gram_rows(grams, fit_offsets, columns, rows, width)
+            solver = jax.vmap(jax.vmap(lambda g, v: _dual_coefficients(g, v, alpha, dim)))
             beta = solver(gram_rows, weights)
         else:
             patches = _valid_patches(tiles.local_ref, patch_size)
