@@ -190,3 +190,14 @@ def test_batch_matches_detect_and_reuses_compilation(case2_pair, manhattan, teac
 def test_detect_batch_rejects_unknown_aligner(teacher_variables):
     with pytest.raises(ValueError, match="aligner"):
         batch.detect_batch([], [], teacher_variables, aligner="scipy")
+
+
+def test_map_pairs_steps_through_large_batches():
+    values = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
+    pairs = (values, {"scale": jnp.arange(8, dtype=jnp.float32)})
+
+    # Eight pairs on CPU run as two steps of four; the result must not
+    # depend on the stepping.
+    result = jax.jit(lambda pairs: batch._map_pairs(lambda row, extra: row * extra["scale"], pairs))(pairs)
+
+    np.testing.assert_array_equal(result, values * jnp.arange(8, dtype=jnp.float32)[:, None])

@@ -47,19 +47,9 @@ class RidgeMoments(NamedTuple):
     target_energy: jax.Array
 
 
-def _symmetric_scatter(weighted: jax.Array, centred: jax.Array) -> jax.Array:
-    # The scatter [[A, B], [B^T, D]] is symmetric, so B^T is not computed:
-    # two products (the top rows, then the bottom-right block) do 75 % of
-    # the full product's work. Finer blocks measured slower on CPU, as
-    # narrow matrix products use the cores less well.
-    half = centred.shape[1] // 2
-    top = weighted[:, :half].T @ centred
-    bottom_right = weighted[:, half:].T @ centred[:, half:]
-    bottom = jnp.concatenate([top[:, half:].T, bottom_right], axis=1)
-    return jnp.concatenate([top, bottom], axis=0)
-
-
-def patch_moments(ref: ArrayLike, insp: ArrayLike, weight: ArrayLike, patch_size: int) -> RidgeMoments:
+def patch_moments(
+    ref: ArrayLike, insp: ArrayLike, weight: ArrayLike, patch_size: int, *, reference_margin: int = 0
+) -> RidgeMoments:
     """Compute the ridge moments of one feature map pair.
 
     The samples are the pixels of the maps: the input is the ``k x k``
@@ -67,10 +57,14 @@ def patch_moments(ref: ArrayLike, insp: ArrayLike, weight: ArrayLike, patch_size
     edges replicated), the target the inspected feature vector.
 
     Args:
-      ref: ``[h, w, C_in]`` reference features.
+      ref: ``[h + 2m, w + 2m, C_in]`` reference features, with
+        ``m = reference_margin``.
       insp: ``[h, w, C]`` inspected features.
       weight: ``[h, w]`` non-negative sample weights (0 excludes a pixel).
       patch_size: Odd side ``k`` of the neighbourhood.
+      reference_margin: ``0``, or ``k // 2`` when ``ref`` carries the
+        neighbours of the border samples (a window cut from a larger map),
+        which then replace the replicated edges.
 
     Returns:
       The ``RidgeMoments``. With no weight at all, the means are 0 and the
@@ -78,23 +72,37 @@ def patch_moments(ref: ArrayLike, insp: ArrayLike, weight: ArrayLike, patch_size
     """
     ref = jnp.asarray(ref, jnp.float32)
     insp = jnp.asarray(insp, jnp.float32)
-    weight = jnp.asarray(weight, jnp.float32).reshape(-1)
-    inputs = extract_patches(ref[None], patch_size)[0].reshape(weight.size, -1)
-    targets = insp.reshape(weight.size, -1)
+    weight = jnp.asarray(weight, jnp.float32)
+    if reference_margin not in (0, patch_size // 2):
+        raise ValueError(f"reference_margin must be 0 or patch_size // 2 = {patch_size // 2}; got {reference_margin}.")
     count = weight.sum()
     total = jnp.maximum(count, 1.0)
-    input_mean = weight @ inputs / total
-    target_mean = weight @ targets / total
-    centred = inputs - input_mean
-    weighted = centred * weight[:, None]
-    centred_targets = targets - target_mean
+    margin = reference_margin
+    inner = ref[margin : ref.shape[0] - margin, margin : ref.shape[1] - margin]
+
+    # Centre both maps by their weighted channel means first. The patches of
+    # the centred map are then nearly centred too (their exact mean differs
+    # only through replicated edges and the weights' shifts), so the scatter
+    # follows from raw products minus a small correction without losing
+    # float32 precision, and no centred copy of the [N, d] patch matrix is made.
+    ref_mean = jnp.einsum("hw,hwc->c", weight, inner) / total
+    target_mean = jnp.einsum("hw,hwc->c", weight, insp) / total
+    root = jnp.sqrt(weight).reshape(-1, 1)
+    patches = extract_patches((ref - ref_mean)[None], patch_size)[0]
+    patches = patches[margin : patches.shape[0] - margin, margin : patches.shape[1] - margin]
+    rows = patches.reshape(root.shape[0], -1) * root
+    targets = (insp - target_mean).reshape(root.shape[0], -1) * root
+
+    # sum_n w_n x_n, with rows = sqrt(w) x.
+    offset = (root[:, 0] @ rows) / total
+    target_offset = (root[:, 0] @ targets) / total
     return RidgeMoments(
         count=count,
-        input_mean=input_mean,
-        target_mean=target_mean,
-        input_scatter=_symmetric_scatter(weighted, centred),
-        cross_scatter=weighted.T @ centred_targets,
-        target_energy=(weight * (centred_targets**2).sum(-1)).sum(),
+        input_mean=jnp.tile(ref_mean, patch_size * patch_size) + offset,
+        target_mean=target_mean + target_offset,
+        input_scatter=rows.T @ rows - count * jnp.outer(offset, offset),
+        cross_scatter=rows.T @ targets - count * jnp.outer(offset, target_offset),
+        target_energy=(targets**2).sum() - count * (target_offset @ target_offset),
     )
 
 

@@ -376,6 +376,14 @@ def detect_tiled(
         timings["teacher"] += time.perf_counter() - start
         return features
 
+    # Every tile's interior starts halo px into its canvas (edge tiles' are
+    # shorter, but their fit masks are False beyond the image). The moments
+    # skip the rest of the canvas when the halo holds the patches' neighbours.
+    interior = (plan.halo, plan.halo, plan.halo + plan.tile_shape[0], plan.halo + plan.tile_shape[1])
+    reach = max(LAYER_STRIDES[layer] for layer in config.layers) * (config.patch_size // 2)
+    if plan.halo < reach:
+        interior = None
+
     # Pass 1: features and the moments of every tile's interior.
     cached = []
     merged: dict[str, RidgeMoments] = {}
@@ -391,7 +399,9 @@ def detect_tiled(
         fit_mask[len(set(indices)) :] = False
         if mesh is not None:
             fit_mask = sharding.shard_pairs(fit_mask, mesh)
-        moments = moments_stage(features, fit_mask, layers=config.layers, patch_size=patch_size, mesh=mesh)
+        moments = moments_stage(
+            features, fit_mask, layers=config.layers, patch_size=patch_size, window=interior, mesh=mesh
+        )
         moments = jax.device_get(moments)
         for layer in config.layers:
             for tile in range(len(indices)):
