@@ -255,7 +255,9 @@ def _detect_and_write() -> None:
     logging.info("load: reference %s, inspected %s in %.2f s", reference.shape, inspected.shape, load_time)
 
     start = time.perf_counter()
-    variables, teacher_info = hub.resolve_teacher(FLAGS.teacher_weights, last_layer=config.deepest_layer)
+    # Load every stage up to layer3, whatever --layers selects, so that the
+    # recorded SHA-256 identifies the weights file and not the layer choice.
+    variables, teacher_info = hub.resolve_teacher(FLAGS.teacher_weights)
     load_teacher_time = time.perf_counter() - start
     logging.info(
         "teacher weights: %s (%s, sha256 %s) in %.2f s",
@@ -305,7 +307,7 @@ def main(argv):
     except (FileNotFoundError, FileExistsError, ValueError, hub.WeightsDownloadError) as error:
         # Input and setting errors carry their own fix; a traceback would
         # only bury it. ImageError and UnsafeCheckpointError are ValueErrors.
-        logging.error("%s: %s", type(error).__name__, error)
+        logging.error("%s", error)
         return 1
     return 0
 
