@@ -67,7 +67,8 @@ def _train() -> None:
     logging.info("JAX devices: %s", jax.devices())
 
     start = time.perf_counter()
-    variables, teacher_info = hub.resolve_teacher(FLAGS.teacher_weights, last_layer=config.deepest_layer)
+    # Up to layer3 whatever --layers selects, so the checksum matches the runner's.
+    variables, teacher_info = hub.resolve_teacher(FLAGS.teacher_weights)
     logging.info(
         "teacher weights: %s (sha256 %s) in %.2f s",
         teacher_info["source"], teacher_info["sha256"][:12], time.perf_counter() - start,
