@@ -6,8 +6,10 @@ written into tmp_path, so that each method compiles once for one shape.
 
 import dataclasses
 import json
+import math
 import os
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 from absl import flags
@@ -119,8 +121,6 @@ def test_read_dataset_rejects_missing_mask(dataset_dir, tmp_path):
 
 
 def test_read_dataset_rejects_mask_shape(dataset_dir, tmp_path):
-    import imageio.v3 as iio
-
     directory = _rewrite_case(dataset_dir, tmp_path, lambda case: case.update(mask="small.png"))
     iio.imwrite(directory / "small.png", np.zeros((10, 10), np.uint8))
     with pytest.raises(ValueError, match="pixel for pixel"):
@@ -131,7 +131,7 @@ def test_read_dataset_rejects_mask_shape(dataset_dir, tmp_path):
 
 
 # 128 px images leave the layer2 ridge few samples per input, which the
-# pipeline warns about; the comparison below holds regardless.
+# pipeline warns about; the comparison below is exact regardless.
 @pytest.mark.filterwarnings("ignore:layer2. only")
 def test_teacher_student_method_equals_detect(pairs, teacher_variables):
     config = DetectionConfig()
@@ -216,7 +216,7 @@ def test_pooled_pro_curve_equals_stacked_curve():
 def test_pooled_pro_curve_without_regions_is_nan():
     fpr, pro = aggregate.pooled_pro_curve([np.ones((3, 3)) * 0.5], [np.zeros((3, 3), bool)])
     assert np.isnan(pro).all()
-    assert aggregate.area_up_to(fpr, pro, 0.3) != aggregate.area_up_to(fpr, pro, 0.3)  # NaN
+    assert math.isnan(aggregate.area_up_to(fpr, pro, 0.3))
 
 
 def test_area_up_to_hand_example():
@@ -264,7 +264,7 @@ def test_recall_by_bins_hand_example():
         _outcome("b", [(1, 1), (2, 2)], [{"contrast": 0.3}, {"contrast": 0.3}], [True, False], 0.8, blobs=1),
     ]
     bins = aggregate.recall_by_bins(outcomes, "m", "contrast", [0.0, 0.1, 0.2, 0.25, 0.3])
-    # |-0.05| falls in the first bin, and 0.3 in the last, which holds its upper edge.
+    # |-0.05| falls in the first bin, and 0.3 in the last, which includes its upper edge.
     assert [(b["found"], b["total"]) for b in bins] == [(1, 1), (0, 1), (0, 0), (1, 2)]
     assert np.isnan(bins[2]["recall"])
     assert bins[3]["recall"] == 0.5
