@@ -131,7 +131,7 @@ def test_read_dataset_rejects_mask_shape(dataset_dir, tmp_path):
 
 
 # 128 px images leave the layer2 ridge few samples per input, which the
-# pipeline warns about; the comparison below is exact regardless.
+# pipeline warns about; the comparison below does not depend on it.
 @pytest.mark.filterwarnings("ignore:layer2. only")
 def test_teacher_student_method_equals_detect(pairs, teacher_variables):
     config = DetectionConfig()
