@@ -191,15 +191,15 @@ def _shifted_grams(tile: jax.Array, window: int, patch_size: int) -> jax.Array:
       ``(a - 2r, b - 2r)``. Entries whose displaced patch leaves the tile are
       meaningless and never read.
     """
-    reach = 2 * (window // 2)
+    double_radius = 2 * (window // 2)
     height, width = tile.shape[:2]
-    span = 2 * reach + 1
-    # Only the displacements from the centre of the (2w - 1)^2 grid on (in
-    # row-major order) are computed. The others follow from the symmetry
+    span = 2 * double_radius + 1
+    # Only the upper half of the displacement grid (row-major index from the
+    # centre's on) is computed. The others follow from the symmetry
     # S_{-delta}(p) = S_delta(p - delta), a shifted copy.
     middle = span * span // 2
     upper = np.stack(np.unravel_index(np.arange(middle, span * span), (span, span)), axis=-1)
-    padded = jnp.pad(tile, ((reach, reach), (reach, reach), (0, 0)))
+    padded = jnp.pad(tile, ((double_radius, double_radius), (double_radius, double_radius), (0, 0)))
 
     def channel_dot(displacement: jax.Array) -> jax.Array:
         moved = jax.lax.dynamic_slice(padded, (displacement[0], displacement[1], 0), tile.shape)
@@ -214,10 +214,13 @@ def _shifted_grams(tile: jax.Array, window: int, patch_size: int) -> jax.Array:
 
     # Lower displacement t is the negative of upper displacement
     # span^2 - 1 - t; read that map at p - delta through a zero border.
-    boxed_padded = jnp.pad(boxed, ((0, 0), (reach, reach), (reach, reach)))
+    boxed_padded = jnp.pad(boxed, ((0, 0), (double_radius, double_radius), (double_radius, double_radius)))
     lower_sources = np.arange(span * span - 1, middle, -1) - middle
-    lower_starts = np.stack([2 * reach - upper[lower_sources, 0], 2 * reach - upper[lower_sources, 1]], axis=-1)
+    lower_starts = 2 * double_radius - upper[lower_sources]
 
+    # NOTE: with jax 0.10.2, reading the plane with dynamic_index_in_dim and
+    # then slicing it made XLA's CPU compiler fail ("Failed to translate
+    # module to LLVM IR") on [1, 47, 60, 128] maps; one 3-D slice compiles.
     def mirror(index: jax.Array) -> jax.Array:
         return jax.lax.dynamic_slice(boxed_padded, (index[0], index[1], index[2]), (1, out_height, out_width))[0]
 
