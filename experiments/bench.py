@@ -16,6 +16,8 @@ ratio of pairs per second is reported.
 * ``--sizes``: one pair per size, untiled (``detect_batch`` with ``B = 1``,
   up to ``--untiled_max_size``) and tiled (``tsjax.tiling.detect_tiled``),
   with the exponent of time against pixels fitted from 512 px up.
+* ``--equality_size``: the maps of ``detect`` and ``detect_tiled`` on one
+  pair, compared pixel by pixel.
 * ``--defect_size``: a tiled pair with one 3 x 3 px bright defect, which
   must come out as a blob at its location.
 * ``--memory_size``: a 16-bit pair written to TIFF, loaded with
@@ -46,7 +48,7 @@ import tifffile
 from absl import app, flags, logging
 
 from experiments import numpy_reference
-from tsjax import batch, io, teacher, tiling
+from tsjax import batch, io, pipeline, teacher, tiling
 from tsjax.config import DetectionConfig
 
 flags.DEFINE_string("teacher_weights", None, "Teacher weights (default: TSJAX_TEACHER_WEIGHTS).")
@@ -60,6 +62,8 @@ flags.DEFINE_integer("tile_batch", tiling.DEFAULT_TILE_BATCH, "Tiles per compile
 flags.DEFINE_integer("repeats", 3, "Steady-state repeats per row; the fastest is reported.")
 flags.DEFINE_integer("large_repeats", 1, "Steady-state repeats for sides of 2048 px and more.")
 flags.DEFINE_integer("defect_size", 2048, "Side of the tiled single-defect pair; 0 skips it.")
+flags.DEFINE_integer("equality_size", 1024, "Side of the pair whose tiled and untiled maps are compared; 0 skips it.")
+flags.DEFINE_integer("equality_tile_size", 256, "Tile interior side in px for the equality check.")
 flags.DEFINE_list("memory_sizes", ["2048", "8192"], "Sides of the 16-bit tiled memory runs; empty skips them.")
 flags.DEFINE_string("markdown_out", "docs/benchmarks.md", "File whose '## Pipeline throughput' section is replaced.")
 flags.DEFINE_string("json_out", None, "Also write every measurement to this JSON file.")
@@ -87,6 +91,8 @@ class BenchConfig:
     repeats: int
     large_repeats: int
     defect_size: int
+    equality_size: int
+    equality_tile_size: int
     memory_sizes: tuple[int, ...]
     markdown_out: str | None
     json_out: str | None
@@ -287,6 +293,23 @@ def _size_rows(config: BenchConfig, variables, detection_config: DetectionConfig
     return rows
 
 
+def _equality_row(config: BenchConfig, variables, detection_config: DetectionConfig) -> dict:
+    side, tile = config.equality_size, config.equality_tile_size
+    reference, inspected = line_pair(side, seed=3, defect=(side // 3, side // 2))
+    untiled = pipeline.detect(reference, inspected, variables, detection_config)
+    tiled = tiling.detect_tiled(reference, inspected, variables, detection_config, tile_size=tile)
+    difference = np.abs(untiled.defect_map - tiled.defect_map)
+    row = {
+        "side": side,
+        "tile_size": tile,
+        "tiles": tiling.plan_tiles((side, side), detection_config, tile).count,
+        "max_difference": float(difference.max()),
+        "same_blobs": [blob["bbox"] for blob in untiled.blobs] == [blob["bbox"] for blob in tiled.blobs],
+    }
+    logging.info("tiled against untiled at %d px: %s", side, row)
+    return row
+
+
 def _blob_summary(blobs: list[dict], location: tuple[int, int]) -> dict:
     # Blobs are sorted by score_max, so the first one is the strongest.
     distances = [float(np.hypot(blob["y"] - location[0], blob["x"] - location[1])) for blob in blobs]
@@ -461,6 +484,17 @@ def _markdown(results: dict) -> str:
                 lines.append(f"- {kind}: time per pair grows as pixels^{exponent:.2f} from 512 px up.")
         lines.append("")
 
+    equality = results.get("equality_row")
+    if equality:
+        lines += [
+            "### Tiled against untiled",
+            "",
+            f"On a {equality['side']} x {equality['side']} px pair, {equality['tiles']} tiles of "
+            f"{equality['tile_size']} px against `pipeline.detect`: largest |difference| of the defect maps "
+            f"{equality['max_difference']:.1e} over the whole image, "
+            + ("the same blobs." if equality["same_blobs"] else "different blobs."),
+            "",
+        ]
     defect = results.get("defect_row")
     if defect:
         lines += [
@@ -524,6 +558,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     results["size_rows"] = _size_rows(config, variables, detection_config) if config.sizes else []
     kinds = sorted({row["kind"] for row in results["size_rows"]})
     results["exponents"] = {kind: _fitted_exponent([r for r in results["size_rows"] if r["kind"] == kind]) for kind in kinds}
+    results["equality_row"] = _equality_row(config, variables, detection_config) if config.equality_size else None
     results["defect_row"] = _defect_row(config, variables, detection_config) if config.defect_size else None
     results["memory_rows"] = _memory_rows(config)
     results["batch_compiles"] = batch.trace_counts()
@@ -566,6 +601,8 @@ def main(argv):
         repeats=FLAGS.repeats,
         large_repeats=FLAGS.large_repeats,
         defect_size=FLAGS.defect_size,
+        equality_size=FLAGS.equality_size,
+        equality_tile_size=FLAGS.equality_tile_size,
         memory_sizes=tuple(int(value) for value in FLAGS.memory_sizes),
         markdown_out=FLAGS.markdown_out,
         json_out=FLAGS.json_out,

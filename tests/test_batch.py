@@ -9,6 +9,7 @@ from tsjax import align, batch, canvas, io, pipeline
 from tsjax.align_jax import ESTIMATOR_NAMES
 from tsjax.config import DetectionConfig
 from tsjax.moments import merge_moments, patch_moments, solve_moments
+from tsjax.patches import extract_patches
 
 # One jitted moments function and one feature shape for all moments tests,
 # so that they compile once.
@@ -129,6 +130,39 @@ def test_moments_solve_matches_ridge_fit():
     np.testing.assert_allclose(
         student.predict(state, ref[None]), student.predict(expected, ref[None]), rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("weight_scale", [1.0, 0.004])
+def test_moments_match_float64_definitions(weight_scale):
+    rng = np.random.default_rng(5)
+    ref = (rng.normal(size=_MOMENT_SHAPE) + 2.0).astype(np.float32)
+    insp = (rng.normal(size=_MOMENT_SHAPE) - 1.0).astype(np.float32)
+    # The small scale makes the weights sum to about 0.8, below the floor
+    # of 1 on the mean's denominator that ridge_solve applies.
+    weight = (weight_scale * rng.uniform(0.0, 2.0, _MOMENT_SHAPE[:2])).astype(np.float32)
+
+    moments = _patch_moments(ref, insp, weight, 3)
+
+    inputs = np.asarray(extract_patches(ref[None], 3)[0], np.float64).reshape(400, -1)
+    targets = insp.reshape(400, -1).astype(np.float64)
+    samples = weight.reshape(-1).astype(np.float64)
+    total = max(samples.sum(), 1.0)
+    input_mean = samples @ inputs / total
+    target_mean = samples @ targets / total
+    centred = inputs - input_mean
+    centred_targets = targets - target_mean
+    expected = {
+        "count": samples.sum(),
+        "input_mean": input_mean,
+        "target_mean": target_mean,
+        "input_scatter": (samples[:, None] * centred).T @ centred,
+        "cross_scatter": (samples[:, None] * centred).T @ centred_targets,
+        "target_energy": samples @ (centred_targets**2).sum(-1),
+    }
+    for name, value in expected.items():
+        # float32 sums of 400 weighted samples against float64: 1e-4 of the scale.
+        scale = max(np.abs(value).max(), 1e-3)
+        np.testing.assert_allclose(getattr(moments, name), value, atol=1e-4 * scale, err_msg=name)
 
 
 def test_merged_moments_equal_moments_of_union():

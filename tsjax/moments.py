@@ -81,10 +81,10 @@ def patch_moments(
     inner = ref[margin : ref.shape[0] - margin, margin : ref.shape[1] - margin]
 
     # Centre both maps by their weighted channel means first. The patches of
-    # the centred map are then nearly centred too (their exact mean differs
-    # only through replicated edges and the weights' shifts), so the scatter
-    # follows from raw products minus a small correction without losing
-    # float32 precision, and no centred copy of the [N, d] patch matrix is made.
+    # the centred map are then nearly centred too, because their exact mean
+    # differs only through replicated edges and the weights' shifts. So the
+    # scatter is the raw product minus a small correction, which loses no
+    # float32 precision and needs no centred copy of the [N, d] patch matrix.
     ref_mean = jnp.einsum("hw,hwc->c", weight, inner) / total
     target_mean = jnp.einsum("hw,hwc->c", weight, insp) / total
     root = jnp.sqrt(weight).reshape(-1, 1)
@@ -93,16 +93,20 @@ def patch_moments(
     rows = patches.reshape(root.shape[0], -1) * root
     targets = (insp - target_mean).reshape(root.shape[0], -1) * root
 
-    # sum_n w_n x_n, with rows = sqrt(w) x.
+    # The means of the centred samples, sum_n w_n x_n / total with rows =
+    # sqrt(w) x. Expanding sum_n w_n (x_n - o)(x_n - o)^T with this o gives
+    # the raw product minus (2 total - count) o o^T, and the same for the
+    # cross-products and the energy (total = count unless count < 1).
     offset = (root[:, 0] @ rows) / total
     target_offset = (root[:, 0] @ targets) / total
+    correction = 2.0 * total - count
     return RidgeMoments(
         count=count,
         input_mean=jnp.tile(ref_mean, patch_size * patch_size) + offset,
         target_mean=target_mean + target_offset,
-        input_scatter=rows.T @ rows - count * jnp.outer(offset, offset),
-        cross_scatter=rows.T @ targets - count * jnp.outer(offset, target_offset),
-        target_energy=(targets**2).sum() - count * (target_offset @ target_offset),
+        input_scatter=rows.T @ rows - correction * jnp.outer(offset, offset),
+        cross_scatter=rows.T @ targets - correction * jnp.outer(offset, target_offset),
+        target_energy=(targets**2).sum() - correction * (target_offset @ target_offset),
     )
 
 
