@@ -155,15 +155,12 @@ def load_student(
     """
     metadata = read_metadata(directory)
     mismatches = []
-    layers_differ = list(metadata["layers"]) != list(layers)
     if metadata["teacher_sha256"] != teacher_sha256:
-        # The hash covers the teacher stages up to the deepest scored layer.
-        note = " (the hash also changes with the deepest layer)" if layers_differ else ""
         mismatches.append(
             f"teacher weights: checkpoint sha256 {metadata['teacher_sha256'][:16]}..., "
-            f"this run {teacher_sha256[:16]}...{note}"
+            f"this run {teacher_sha256[:16]}..."
         )
-    if layers_differ:
+    if list(metadata["layers"]) != list(layers):
         mismatches.append(f"layers: checkpoint {metadata['layers']}, this run {list(layers)}")
     if metadata["patch_size"] != patch_size:
         mismatches.append(f"patch_size: checkpoint {metadata['patch_size']}, this run {patch_size}")
