@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tsjax import align, batch, canvas, io, pipeline
+from tsjax import align, batch, canvas, io, pipeline, score
 from tsjax.align_jax import ESTIMATOR_NAMES
 from tsjax.config import DetectionConfig
 from tsjax.moments import merge_moments, patch_moments, solve_moments
@@ -79,6 +79,20 @@ def test_gaussian_filter_reflect_matches_scipy():
 
     # scipy filters in float64; float32 rounding of a 13-tap sum is ~1e-7.
     np.testing.assert_allclose(np.asarray(smoothed[0, :40, :52]), ndimage.gaussian_filter(image, 1.5), atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_upsample_on_canvas_matches_score_upsampling(stride):
+    rng = np.random.default_rng(6)
+    coarse = rng.random((2, 12, 15)).astype(np.float32)
+    weight = (rng.random((2, 12, 15)) > 0.3).astype(np.float32)
+    weight[0, :, :4] = 0.0  # a band with no valid feature, which must read 0
+
+    result = canvas.upsample_on_canvas(coarse, weight, stride)
+    expected = score.upsample_to_image(coarse, stride, (12 * stride, 15 * stride), valid=weight)
+
+    # Same bilinear weights, summed in another order: float32 rounding.
+    np.testing.assert_allclose(result, expected, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 
 ``detect_batch`` runs ``tsjax.pipeline.detect`` on many pairs at once. Each
 JAX stage (alignment, teacher, student fit, scoring) is one jitted call over
-a batch of ``B`` pairs that vmaps the per-pair computation (on CPU in steps
-of ``_CPU_PAIRS_PER_STEP`` pairs; the alignment and the ridge solves loop
-over single pairs). Pairs are padded to a *bucket* shape, the image size rounded up
+a batch of ``B`` pairs that vmaps the per-pair computation. On CPU it does
+so in steps of ``_CPU_PAIRS_PER_STEP`` pairs, and the alignment and the
+ridge solves loop over single pairs. Pairs are padded to a *bucket* shape, the image size rounded up
 to a multiple of ``bucket_multiple`` px, and each stage knows every pair's
 true size (``tsjax.canvas``), so a stream of pairs whose sizes share a
 bucket reuses the compiled stages. The NumPy steps of ``detect`` (the valid
@@ -87,7 +87,7 @@ _UPSAMPLE_FACTOR = 20
 _TRACES: collections.Counter = collections.Counter()
 
 # On CPU the per-pair stages vmap over at most this many pairs at a time
-# and loop over such steps: the teacher's time per 480 px pair measured flat
+# and loop over such steps. The teacher's time per 480 px pair measured flat
 # from 1 to 8 pairs and doubled at 16, as larger steps outgrow the caches.
 _CPU_PAIRS_PER_STEP = 4
 
@@ -366,9 +366,9 @@ def fit_stage(
 ) -> dict[str, Any]:
     """Fit one student state per pair and layer on the pair's valid pixels.
 
-    The ridge student is fitted from its moments (``tsjax.moments``), which
-    gives ``RidgeStudent.fit``'s solution without a centred copy of the
-    patch matrix; other students call their own ``fit``.
+    The ridge student is fitted from its moments (``tsjax.moments``). They
+    give ``RidgeStudent.fit``'s solution without a centred copy of the patch
+    matrix. Other students call their own ``fit``.
 
     Args:
       features: ``teacher_stage``'s output.
@@ -439,7 +439,8 @@ def _score_with_statistics(
     target: jax.Array, prediction: jax.Array, statistics: ScoreStatistics, normalization: str
 ) -> jax.Array:
     # tsjax.score.defect_probability with the valid-pixel statistics given
-    # rather than computed from this canvas (a tile sees part of the image).
+    # rather than computed from this canvas, which shows part of the image
+    # when it is a tile.
     residual = ((target - prediction) ** 2).sum(-1)
     if normalization == "pixel":
         denominator = ((target - statistics.channel_mean) ** 2).sum(-1)
@@ -491,29 +492,40 @@ def score_stage(
     """
     _TRACES["score"] += 1
 
-    def one_pair(pair_features, pair_states, pair_valid, extent, statistics):
+    def predict_all(features, states):
+        references = {layer: features[layer][:, 0] for layer in layers}
+        if shared_states:
+            # One kernel for all canvases: a plain batched convolution.
+            return _map_pairs(
+                lambda pair: {layer: _predict(student, states[layer], pair[layer][None])[0] for layer in layers},
+                (references,),
+            )
+        # A different kernel per pair would make vmap a grouped convolution,
+        # which measured five times slower per pair on CPU, so the pairs
+        # take turns.
+        return jax.lax.map(
+            lambda pair: {layer: _predict(student, pair[1][layer], pair[0][layer][None])[0] for layer in layers},
+            (references, states),
+        )
+
+    def score_pair(pair_features, predictions, pair_valid, extent, statistics):
         coarse, feature_valid = {}, {}
         for layer in layers:
-            reference, target = pair_features[layer][0], pair_features[layer][1]
-            prediction = _predict(student, pair_states[layer], reference[None])
+            target, prediction = pair_features[layer][1][None], predictions[layer][None]
             feature_valid[layer] = _layer_weight(pair_valid, layer)[None]
             if statistics is None:
-                coarse[layer] = defect_probability(target[None], prediction, feature_valid[layer], normalization)
+                coarse[layer] = defect_probability(target, prediction, feature_valid[layer], normalization)
             else:
-                coarse[layer] = _score_with_statistics(target[None], prediction, statistics[layer], normalization)
+                coarse[layer] = _score_with_statistics(target, prediction, statistics[layer], normalization)
         combined, layer_maps = combine_on_canvas(
             coarse, feature_valid, pair_valid[None], extent[None], layers, weights, sigma
         )
         return combined[0], {layer: value[0] for layer, value in layer_maps.items()}
 
     def all_pairs(features, states, valid, extents, statistics):
-        if shared_states:
-            return _map_pairs(
-                lambda pair, mask, extent: one_pair(pair, states, mask, extent, statistics), (features, valid, extents)
-            )
+        predictions = predict_all(features, states)
         return _map_pairs(
-            lambda pair, state, mask, extent: one_pair(pair, state, mask, extent, statistics),
-            (features, states, valid, extents),
+            lambda *pair: score_pair(*pair, statistics), (features, predictions, valid, extents)
         )
 
     state_spec = _WHOLE if shared_states else _PAIRS
@@ -705,8 +717,8 @@ def detect_batch(
     """Run ``tsjax.pipeline.detect`` on many pairs, a batch per compiled call.
 
     Pairs are grouped by bucket (``bucket_shape``) and cut into batches of
-    ``batch_size``; a short last batch is filled with copies of its last
-    pair so that every call of a bucket has the same shapes.
+    ``batch_size``. A short last batch is filled with copies of its last
+    pair, so that every call of a bucket has the same shapes.
 
     Args:
       references: ``N`` ``[H', W']`` float32 reference images in [0, 1].

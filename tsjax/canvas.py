@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from tsjax.score import gaussian_smooth, upsample_to_image
+from tsjax.score import gaussian_smooth
 from tsjax.teacher import LAYER_STRIDES, ResNet18, preprocess
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "replicate_edges",
     "canvas_features",
     "gaussian_filter_reflect",
+    "upsample_on_canvas",
     "combine_on_canvas",
 ]
 
@@ -256,6 +257,43 @@ def gaussian_filter_reflect(images: ArrayLike, extents: ArrayLike, sigma: float)
     return replicate_edges(smoothed, extents, 1)
 
 
+def _upsample_axis(values: jax.Array, stride: int, axis: int) -> jax.Array:
+    # Pixel stride * i + r reads (1 - r / stride) * v[i] + (r / stride) * v[i + 1],
+    # with v[i + 1] clamped at the last index: linear interpolation at
+    # y / stride in 'nearest' mode, written without a gather.
+    values = jnp.moveaxis(values, axis, -1)
+    following = jnp.concatenate([values[..., 1:], values[..., -1:]], axis=-1)
+    fraction = jnp.arange(stride, dtype=jnp.float32) / stride
+    upsampled = values[..., None] * (1.0 - fraction) + following[..., None] * fraction
+    upsampled = upsampled.reshape(*values.shape[:-1], values.shape[-1] * stride)
+    return jnp.moveaxis(upsampled, -1, axis)
+
+
+def upsample_on_canvas(coarse: ArrayLike, weight: ArrayLike, stride: int) -> jax.Array:
+    """Upsample ``[N, h, w]`` scores to ``[N, h * stride, w * stride]`` pixels.
+
+    Equals ``tsjax.score.upsample_to_image(coarse, stride, shape, valid=weight)``
+    on a canvas whose side is ``stride`` times the map's: bilinear reading at
+    ``y / stride`` clamped at the last feature, normalised by the
+    interpolated weight, and 0 where that weight is below 1e-6. Separable
+    interpolation replaces the gathers of ``map_coordinates``, which XLA ran
+    several times slower per canvas in batches of 4 on CPU.
+
+    Args:
+      coarse: ``[N, h, w]`` scores.
+      weight: ``[N, h, w]`` weights of the features (the valid mask).
+      stride: Integer upsampling factor.
+
+    Returns:
+      ``[N, h * stride, w * stride]`` float32.
+    """
+    weight = jnp.asarray(weight, jnp.float32)
+    both = jnp.stack([jnp.asarray(coarse, jnp.float32) * weight, weight])
+    both = _upsample_axis(_upsample_axis(both, stride, -2), stride, -1)
+    numerator, denominator = both[0], both[1]
+    return jnp.where(denominator > 1e-6, numerator / jnp.maximum(denominator, 1e-6), 0.0)
+
+
 def combine_on_canvas(
     coarse_maps: Mapping[str, jax.Array],
     feature_valid: Mapping[str, jax.Array],
@@ -291,14 +329,13 @@ def combine_on_canvas(
       combination.
     """
     valid = jnp.asarray(valid, jnp.float32)
-    canvas_shape = valid.shape[1:]
     layer_maps = {}
     for layer in layers:
         stride = LAYER_STRIDES[layer]
         coarse = replicate_edges(coarse_maps[layer], extents, stride)
-        weight = replicate_edges(jnp.asarray(feature_valid[layer], jnp.float32), extents, stride)
-        layer_maps[layer] = upsample_to_image(coarse, stride, canvas_shape, valid=weight)
-    combined = sum(weight * layer_maps[layer] for weight, layer in zip(weights, layers))
+        feature_weight = replicate_edges(jnp.asarray(feature_valid[layer], jnp.float32), extents, stride)
+        layer_maps[layer] = upsample_on_canvas(coarse, feature_weight, stride)
+    combined = sum(layer_weight * layer_maps[layer] for layer_weight, layer in zip(weights, layers))
     combined = replicate_edges(combined, extents, 1)
     smoothed = gaussian_smooth(combined, sigma, replicate_edges(valid, extents, 1))
     return jnp.where(valid > 0, jnp.clip(smoothed, 0.0, 1.0), 0.0), layer_maps

@@ -97,6 +97,6 @@ def per_device(function: Callable, mesh: Mesh | None, in_specs: Any, out_specs: 
     if mesh is None:
         return function
     out_specs = PartitionSpec(PAIR_AXIS) if out_specs is None else out_specs
-    # check_vma=False: the outputs are computed from each device's own pairs,
-    # which the specs state; the check would reject the replicated PRNG key.
+    # check_vma=False: every output comes from its device's own pairs, as the
+    # specs state. The check would reject the replicated PRNG key.
     return jax.shard_map(function, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

@@ -348,7 +348,7 @@ def detect_tiled(
     reference = io.validate_image(np.asarray(reference, np.float32), "reference")
     plan = plan_tiles(inspected.shape, config, tile_size, halo)
     devices = 1 if mesh is None else mesh.size
-    # A batch never holds more filling copies than the mesh needs.
+    # A batch gets no more filling copies than the mesh needs.
     tile_batch = int(math.ceil(min(tile_batch, plan.count) / devices) * devices)
     if mesh is not None:
         variables = sharding.replicate(variables, mesh)
@@ -378,7 +378,8 @@ def detect_tiled(
 
     # Every tile's interior starts halo px into its canvas (edge tiles' are
     # shorter, but their fit masks are False beyond the image). The moments
-    # skip the rest of the canvas when the halo holds the patches' neighbours.
+    # skip the rest of the canvas when the halo contains the patches'
+    # neighbours.
     interior = (plan.halo, plan.halo, plan.halo + plan.tile_shape[0], plan.halo + plan.tile_shape[1])
     reach = max(LAYER_STRIDES[layer] for layer in config.layers) * (config.patch_size // 2)
     if plan.halo < reach:
