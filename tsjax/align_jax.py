@@ -13,10 +13,10 @@ keep the other one (their shifts then differ by about one refinement step).
 The image lies at the canvas's top-left corner with its own size, which may
 be smaller than the canvas. Cross-correlation is circular over the image's
 own size, so when the image is smaller than the canvas the DFTs of length
-``n`` are computed with Bluestein's chirp-z algorithm (L. Bluestein, "A
-linear filtering approach to the computation of discrete Fourier transform",
-IEEE Trans. Audio Electroacoustics 18(4), 1970) on FFTs of a fixed length.
-One compiled function thus serves every image size up to the canvas.
+``n`` are computed with Bluestein's chirp-z algorithm (1970) on FFTs of a
+fixed length. One compiled function thus serves every image size up to the
+canvas, at a price: for a 480 px pair this path measured about 0.3 s on the
+2-core CPU, against 0.04 s with plain FFTs (``exact=True``).
 
 The cubic-spline shift reproduces ``scipy.ndimage.shift(order=3,
 mode='nearest')`` inside the overlap: the B-spline prefilter is the

@@ -9,15 +9,14 @@ width)``. The functions here make each JAX stage on the canvas return what
 it returns on the bare image, at every canvas pixel that shows the image:
 
 * ``canvas_features`` zeroes the input and output of every teacher submodule
-  outside the image, so each convolution sees zeros beyond the image border,
-  which is exactly the zero padding it applies to a bare image.
-  Max-pooling pads with ``-inf`` on a bare image; its input is a ReLU output
-  (``>= 0``) and every pooling window keeps at least one image pixel, so a
-  zero outside the image never wins either.
+  outside the image. Each convolution then reads zeros beyond the image
+  border, which is exactly the zero padding it applies to a bare image.
+  Max-pooling pads with ``-inf`` on a bare image, but its input is a ReLU
+  output (``>= 0``) and every pooling window keeps at least one image pixel,
+  so a zero outside the image never wins either.
 * ``replicate_edges`` fills feature, score and pixel maps outside the image
-  with the image's edge values, which is what ``extract_patches``,
-  ``upsample_to_image`` and ``gaussian_smooth`` read beyond a bare image's
-  border.
+  with the image's edge values, which is what ``extract_patches``, the
+  upsampling and ``gaussian_smooth`` read beyond a bare image's border.
 
 Both rely on the feature grids of canvas and image coinciding: origins must
 be multiples of the deepest layer's stride, and canvas sides multiples of
@@ -60,8 +59,8 @@ def make_extents(origins: ArrayLike, sizes: ArrayLike) -> jax.Array:
 
     Args:
       origins: ``[N, 2]`` ints, the image coordinates ``(y, x)`` of canvas
-        pixel ``(0, 0)``; ``(0, 0)`` when the image starts at the canvas
-        corner, negative when the canvas starts before the image.
+        pixel ``(0, 0)``. They are ``(0, 0)`` when the image starts at the
+        canvas corner, and negative when the canvas starts before the image.
       sizes: ``[N, 2]`` ints, the image's ``(height, width)`` in px.
 
     Returns:
@@ -155,7 +154,7 @@ def replicate_edges(maps: ArrayLike, extents: ArrayLike, stride: int) -> jax.Arr
 def canvas_features(
     variables: Mapping, images: ArrayLike, extents: ArrayLike, last_layer: str
 ) -> dict[str, jax.Array]:
-    """Run the teacher on canvases as if each held only its image.
+    """Run the teacher on canvases as if each contained only its image.
 
     Args:
       variables: Teacher variables.
@@ -258,9 +257,9 @@ def gaussian_filter_reflect(images: ArrayLike, extents: ArrayLike, sigma: float)
 
 
 def _upsample_axis(values: jax.Array, stride: int, axis: int) -> jax.Array:
-    # Pixel stride * i + r reads (1 - r / stride) * v[i] + (r / stride) * v[i + 1],
-    # with v[i + 1] clamped at the last index: linear interpolation at
-    # y / stride in 'nearest' mode, written without a gather.
+    # Pixel stride * i + r reads (1 - r / stride) * v[i] + (r / stride) * v[i + 1]
+    # with v[i + 1] clamped at the last index. That is linear interpolation
+    # at y / stride in 'nearest' mode, written without a gather.
     values = jnp.moveaxis(values, axis, -1)
     following = jnp.concatenate([values[..., 1:], values[..., -1:]], axis=-1)
     fraction = jnp.arange(stride, dtype=jnp.float32) / stride
@@ -305,14 +304,13 @@ def combine_on_canvas(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Upsample per-layer scores to canvas pixels, combine and smooth them.
 
-    The same steps as ``tsjax.pipeline.layer_defect_maps`` and
-    ``combine_maps`` on a bare image: each layer's map is read bilinearly at
-    ``y / stride`` from its valid features only, the weighted mean of the
+    These are the steps of ``tsjax.pipeline.layer_defect_maps`` and
+    ``combine_maps`` on a bare image. Each layer's map is read bilinearly at
+    ``y / stride`` from its valid features only. The weighted mean of the
     layers is smoothed with a Gaussian of ``sigma`` px normalised by the
-    valid pixels, and the result is clipped to [0, 1]. Maps and masks are
-    first extended past the image by their edge values, which is what the
-    clamped interpolation and the edge-replicating smoothing read on a bare
-    image.
+    valid pixels and clipped to [0, 1]. Maps and masks are first extended
+    past the image by their edge values, which is what the clamped
+    interpolation and the edge-replicating smoothing read on a bare image.
 
     Args:
       coarse_maps: Per layer, ``[N, h, w]`` scores on the canvas grid.

@@ -4,9 +4,9 @@
 pixels at once. The same solution follows from a few moments of the data:
 the weighted count, the means, the centred scatter of the patch inputs and
 their centred cross-products with the targets. Moments of disjoint pixel
-sets combine exactly (Chan, Golub and LeVeque, "Algorithms for computing the
-sample variance", The American Statistician 37(3), 1983), so a large image
-can be fitted tile by tile and give the fit of the whole image.
+sets combine exactly with the pairwise update of Chan, Golub and LeVeque
+(1983), so a large image can be fitted tile by tile and give the fit of the
+whole image.
 
 The same moments give the ``'global'`` score normalisation: the mean of
 ``sum_c (F_c - mu_c)^2`` over the valid pixels is ``target_energy / count``.
