@@ -235,6 +235,19 @@ def test_batch_matches_detect_and_reuses_compilation(case2_pair, manhattan, teac
     assert any(abs(blob["y"] - 200) < 6 and abs(blob["x"] - 300) < 6 for blob in results[1].blobs)
 
 
+def test_pairs_that_fill_their_canvas_match_detect(manhattan, teacher_variables):
+    # 160 x 192 px is its own bucket, so the teacher runs without canvas masks.
+    config = DetectionConfig()
+    pairs = [_noisy_pair(manhattan, (160, 192), seed, defect=(80, 90)) for seed in (7, 8)]
+
+    results = batch.detect_batch([r for r, _ in pairs], [i for _, i in pairs], teacher_variables, config)
+
+    for (reference, inspected), result in zip(pairs, results):
+        expected = pipeline.detect(reference, inspected, teacher_variables, config)
+        np.testing.assert_allclose(result.defect_map, expected.defect_map, atol=1e-4)
+        assert [blob["bbox"] for blob in result.blobs] == [blob["bbox"] for blob in expected.blobs]
+
+
 def test_detect_batch_rejects_unknown_aligner(teacher_variables):
     with pytest.raises(ValueError, match="aligner"):
         batch.detect_batch([], [], teacher_variables, aligner="scipy")

@@ -51,7 +51,7 @@ from tsjax.align import Alignment, align_pair, overlap_mask, shift_image
 from tsjax.batch import ScoreStatistics, moments_stage, score_stage, teacher_stage
 from tsjax.canvas import CANVAS_MULTIPLE, make_extents
 from tsjax.config import DetectionConfig
-from tsjax.moments import RidgeMoments, merge_moments, solve_moments
+from tsjax.moments import RidgeMoments, is_rectangle, merge_moments, solve_moments
 from tsjax.pipeline import Detection, _warn_if_underdetermined, match_reference_shape, segment, valid_mask
 from tsjax.students import RidgeStudent, Student, is_transductive, make_student
 from tsjax.teacher import LAYER_STRIDES, receptive_field
@@ -401,7 +401,13 @@ def detect_tiled(
         if mesh is not None:
             fit_mask = sharding.shard_pairs(fit_mask, mesh)
         moments = moments_stage(
-            features, fit_mask, layers=config.layers, patch_size=patch_size, window=interior, mesh=mesh
+            features,
+            fit_mask,
+            layers=config.layers,
+            patch_size=patch_size,
+            window=interior,
+            rectangles=is_rectangle(tiles.fit_mask),
+            mesh=mesh,
         )
         moments = jax.device_get(moments)
         for layer in config.layers:
