@@ -137,21 +137,56 @@ def _dual_coefficients(gram_rows: jax.Array, weights: jax.Array, alpha: float, d
       ``[n]`` weights ``beta`` with prediction ``sum_i beta_i y_i``.
     """
     samples = gram_rows.shape[0]
-    gram = gram_rows[:, :samples]
-    cross = gram_rows[:, samples]
     share = weights / jnp.maximum(weights.sum(), 1.0)
     # Centre the Gram matrix on the weighted mean patch, which is the dual
-    # counterpart of fitting an unpenalised intercept.
-    row_mean = gram @ share
+    # counterpart of fitting an unpenalised intercept. The same formula
+    # turns the centre's column into the right-hand side, so the whole
+    # [n, n + 1] block is centred at once. Slicing the Gram part out first
+    # made XLA copy every pixel's Gram matrix once more.
+    row_mean = gram_rows @ jnp.append(share, 0.0)
+    column_mean = jnp.append(row_mean, share @ gram_rows[:, samples])
     grand_mean = share @ row_mean
-    centred = gram - row_mean[:, None] - row_mean[None, :] + grand_mean
-    centred_cross = cross - row_mean - cross @ share + grand_mean
+    centred = gram_rows - row_mean[:, None] - column_mean[None, :] + grand_mean
     root = jnp.sqrt(weights)
-    system = root[:, None] * centred * root[None, :]
-    largest_norm = jnp.max(weights * jnp.diagonal(gram))
-    penalty = _penalty(alpha, jnp.trace(system), largest_norm, dim, samples)
-    solution = _cholesky_solve(system + penalty * jnp.eye(samples, dtype=system.dtype), root * centred_cross)
+    system_and_rhs = root[:, None] * centred * jnp.append(root, 1.0)[None, :]
+    # The trace and the largest norm read only the diagonal, so that XLA
+    # does not materialise the centred system for them.
+    diagonal = jnp.diagonal(gram_rows[:, :samples])
+    trace = jnp.sum(weights * (diagonal - 2.0 * row_mean + grand_mean))
+    largest_norm = jnp.max(weights * diagonal)
+    penalty = _penalty(alpha, trace, largest_norm, dim, samples)
+    solution = _bordered_cholesky_solve(system_and_rhs, penalty)
     return _combination(weights, root * solution)
+
+
+def _bordered_cholesky_solve(system_and_rhs: jax.Array, penalty: jax.Array) -> jax.Array:
+    """Solve ``(S + penalty * I) x = b`` with one Cholesky factorisation and one triangular solve.
+
+    The Cholesky factor of the bordered matrix ``[[A, b], [b^T, t]]`` has
+    ``L^{-1} b`` in its last row, where ``L`` is the factor of ``A``, so the
+    forward substitution comes with the factorisation and only
+    ``L^T x = L^{-1} b`` is left. Each is one LAPACK call per pixel, and for
+    48 x 48 systems the per-call overhead dominates their cost.
+
+    Args:
+      system_and_rhs: ``[n, n + 1]``: the positive semi-definite ``S``, of
+        which only the lower triangle is read, then the right-hand side ``b``.
+      penalty: Positive ridge penalty, so ``A = S + penalty * I`` has no
+        eigenvalue below it. The corner ``t = 2 |b|^2 / penalty + 1`` then
+        exceeds ``b^T A^{-1} b``, which keeps the bordered matrix positive
+        definite.
+    """
+    size = system_and_rhs.shape[0]
+    rhs = system_and_rhs[:, size]
+    corner = 2.0 * jnp.sum(rhs * rhs) / penalty + 1.0
+    # The top rows keep b as their last column. Cholesky reads only the
+    # lower triangle, so that copy of b is never used.
+    top = system_and_rhs + penalty * jnp.eye(size, size + 1, dtype=system_and_rhs.dtype)
+    bordered = jnp.concatenate([top, jnp.append(rhs, corner)[None, :]], axis=0)
+    lower = jax.lax.linalg.cholesky(bordered, symmetrize_input=False)
+    return jax.lax.linalg.triangular_solve(
+        lower[:size, :size], lower[size, :size, None], left_side=True, lower=True, transpose_a=True
+    )[:, 0]
 
 
 def _primal_coefficients(inputs: jax.Array, centre_input: jax.Array, weights: jax.Array, alpha: float) -> jax.Array:
@@ -253,11 +288,13 @@ def _window_gram_rows(grams: jax.Array, offsets: np.ndarray, columns: np.ndarray
         start = starts[index]
         slab = jax.lax.dynamic_slice(grams, tuple(start), (window, window, rows, cols))
         slab = jnp.take(slab.reshape(window * window, rows, cols), columns, axis=0)
-        return jax.lax.dynamic_update_slice(buffer, slab[None], (index, 0, 0, 0))
+        # Each row is written straight into the pixel-major layout that the
+        # per-pixel solver reads. Filling a sample-major buffer and
+        # transposing it afterwards cost one more pass over all Gram rows.
+        return jax.lax.dynamic_update_slice(buffer, jnp.transpose(slab, (1, 2, 0))[:, :, None], (0, 0, index, 0))
 
-    buffer = jnp.zeros((len(offsets), len(columns), rows, cols), grams.dtype)
-    buffer = jax.lax.fori_loop(0, len(offsets), copy_row, buffer)
-    return jnp.transpose(buffer, (2, 3, 0, 1))
+    buffer = jnp.zeros((rows, cols, len(offsets), len(columns)), grams.dtype)
+    return jax.lax.fori_loop(0, len(offsets), copy_row, buffer)
 
 
 def _valid_patches(tile: jax.Array, patch_size: int) -> jax.Array:
