@@ -272,26 +272,32 @@ def _rectangle_scatter(padded: jax.Array, weight: jax.Array, patch_size: int) ->
 
     # For a patch offset a, the rectangle shifted by a holds the core plus
     # the border rows in [top + a_y, bottom + a_y) and likewise columns.
-    sums = {}
-    for shift_y in range(-radius, radius + 1):
-        rows_in = (first_rows & (border_rows >= top + shift_y) & (border_rows < bottom + shift_y)).astype(core.dtype)
-        for shift_x in range(-radius, radius + 1):
-            cols_in = (first_cols & (border_cols >= left + shift_x) & (border_cols < right + shift_x)).astype(core.dtype)
-            sums[shift_y, shift_x] = (
-                core
-                + jnp.einsum("r,rce->ce", rows_in, row_products)
-                + jnp.einsum("s,sce->ce", cols_in, col_products)
-                + jnp.einsum("r,s,rsce->ce", rows_in, cols_in, corner_products)
-            )
+    shifts = jnp.arange(-radius, radius + 1)[:, None]
+    rows_in = first_rows & (border_rows >= top + shifts) & (border_rows < bottom + shifts)  # [k, 4r]
+    cols_in = first_cols & (border_cols >= left + shifts) & (border_cols < right + shifts)
+    rows_in = rows_in.astype(core.dtype)
+    cols_in = cols_in.astype(core.dtype)
+    sums = (
+        core
+        + jnp.einsum("yr,rce->yce", rows_in, row_products)[:, None]
+        + jnp.einsum("xs,sce->xce", cols_in, col_products)[None, :]
+        + jnp.einsum("yr,xs,rsce->yxce", rows_in, cols_in, corner_products)
+    )  # [k, k, C, D * C]: per offset a, every displacement's block
+    sums = sums.reshape(patch_size * patch_size, channels, len(displacements), channels)
 
-    blocks = [[None] * len(offsets) for _ in offsets]
-    for n, a in enumerate(offsets):
-        for m in range(n, len(offsets)):
-            b = offsets[m]
-            start = column_of[b[0] - a[0], b[1] - a[1]]
-            blocks[n][m] = sums[a][:, start : start + channels]
-            blocks[m][n] = blocks[n][m].T
-    return jnp.where(present, jnp.block(blocks), 0.0)
+    # Block (n, m) for n <= m is sums[n, :, displacement of m - n, :]; the
+    # blocks below the diagonal are transposes of those above. One gather
+    # keeps the compiled program small (81 slices took seconds to compile).
+    first = np.minimum.outer(np.arange(len(offsets)), np.arange(len(offsets)))
+    second = np.maximum.outer(np.arange(len(offsets)), np.arange(len(offsets)))
+    displacement_index = np.vectorize(
+        lambda n, m: column_of[offsets[m][0] - offsets[n][0], offsets[m][1] - offsets[n][1]] // channels
+    )(first, second)
+    blocks = sums[first, :, displacement_index, :]  # [k^2, k^2, C, C]
+    below = (np.arange(len(offsets))[:, None] > np.arange(len(offsets))[None, :])[..., None, None]
+    blocks = jnp.where(below, jnp.swapaxes(blocks, -1, -2), blocks)
+    scatter = jnp.transpose(blocks, (0, 2, 1, 3)).reshape(len(offsets) * channels, len(offsets) * channels)
+    return jnp.where(present, scatter, 0.0)
 
 
 def target_moments(insp: ArrayLike, weight: ArrayLike) -> RidgeMoments:
