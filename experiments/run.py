@@ -257,6 +257,13 @@ def _detect_and_write() -> None:
         inspected = io.load_image(FLAGS.inspected)
     load_time = time.perf_counter() - start
     logging.info("load: reference %s, inspected %s in %.2f s", reference.shape, inspected.shape, load_time)
+    if reference.shape != inspected.shape:
+        logging.warning(
+            "the reference %s and inspected %s images differ in size; only the part of the inspected "
+            "image that the reference covers is compared (see compared_fraction in detections.json).",
+            reference.shape,
+            inspected.shape,
+        )
 
     start = time.perf_counter()
     # Load every stage up to layer3, whatever --layers selects, so that the
@@ -296,7 +303,12 @@ def _detect_and_write() -> None:
     }
     if planted is not None:
         extra["demo"] = _report_demo(planted, detection)
-    write_detection(output_dir, inspected, detection, flag_values, extra)
+    record = write_detection(output_dir, inspected, detection, flag_values, extra)
+    if record["compared_fraction"] < 0.8:
+        logging.warning(
+            "only %.0f%% of the inspected image was compared; the rest lies outside the aligned reference.",
+            100 * record["compared_fraction"],
+        )
     logging.info("write: %s in %.2f s", output_dir, time.perf_counter() - start)
     for blob in detection.blobs:
         logging.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Any, Mapping
@@ -21,24 +22,36 @@ __all__ = ["OUTPUT_FILES", "check_output_dir", "write_detection"]
 OUTPUT_FILES = ("defect_map.png", "defect_map.npy", "mask.png", "overlay.png", "detections.json")
 
 
+def _earlier_outputs(output_dir: str) -> list[str]:
+    """List the files in ``output_dir`` whose names a run writes."""
+    names = [os.path.join(output_dir, name) for name in OUTPUT_FILES]
+    existing = [path for path in names if os.path.exists(path)]
+    return existing + sorted(glob.glob(os.path.join(glob.escape(output_dir), "r2_*.png")))
+
+
 def check_output_dir(output_dir: str, *, overwrite: bool) -> None:
-    """Create ``output_dir``, or reject it if it already holds a run's results.
+    """Reject ``output_dir`` if it is a file or already contains files that a run writes.
+
+    The folder itself is created by ``write_detection``, so a run that fails
+    before it leaves nothing behind.
 
     Raises:
-      FileExistsError: if ``output_dir`` is a file, or ``detections.json``
-        exists there and ``overwrite`` is false.
+      FileExistsError: if ``output_dir`` is a file, or contains any output
+        file name (``OUTPUT_FILES``, ``r2_<layer>.png``) and ``overwrite`` is
+        false.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise FileExistsError(
             f"output folder {output_dir!r} is a file, not a folder; choose another --output_dir."
         )
-    existing = os.path.join(output_dir, "detections.json")
-    if os.path.exists(existing) and not overwrite:
+    existing = _earlier_outputs(output_dir) if os.path.isdir(output_dir) else []
+    if existing and not overwrite:
+        listed = ", ".join(os.path.basename(path) for path in existing[:4])
+        more = f" and {len(existing) - 4} more" if len(existing) > 4 else ""
         raise FileExistsError(
-            f"{output_dir!r} already contains the results of a run ({existing}); "
+            f"{output_dir!r} already contains output files ({listed}{more}); "
             "choose another --output_dir or pass --overwrite to replace them."
         )
-    os.makedirs(output_dir, exist_ok=True)
 
 
 def _save_heatmap(path: str, values: np.ndarray, valid: np.ndarray, title: str, vmin: float, vmax: float) -> None:
@@ -83,9 +96,12 @@ def write_detection(
     Files: ``r2_<layer>.png`` (per-layer ``R^2 = 1 - D``), ``defect_map.png``
     and ``defect_map.npy`` (``[H, W]`` float32), ``mask.png``, ``overlay.png``
     (inspected image with numbered blob outlines) and ``detections.json``.
+    Output files of an earlier run that this run does not write (heatmaps of
+    other layers) are removed, so the folder describes one run only; call
+    ``check_output_dir`` first to protect an earlier run.
 
     Args:
-      output_dir: Existing folder (see ``check_output_dir``).
+      output_dir: Output folder, created if missing.
       inspected: ``[H, W]`` inspected image in [0, 1].
       detection: The result of ``tsjax.pipeline.detect``.
       config: Every setting of the run, recorded in the JSON.
@@ -95,6 +111,11 @@ def write_detection(
     Returns:
       The dict written to ``detections.json``.
     """
+    os.makedirs(output_dir, exist_ok=True)
+    written = {os.path.join(output_dir, f"r2_{layer}.png") for layer in detection.layer_maps}
+    for path in _earlier_outputs(output_dir):
+        if path.endswith(".png") and os.path.basename(path).startswith("r2_") and path not in written:
+            os.remove(path)
     for layer, layer_map in detection.layer_maps.items():
         _save_heatmap(
             os.path.join(output_dir, f"r2_{layer}.png"),
@@ -119,6 +140,10 @@ def write_detection(
     record = {
         "shift": [float(value) for value in detection.alignment.shift],
         "alignment": detection.alignment.summary(),
+        # Share of the inspected image that was fitted and scored. It is
+        # below alignment.valid_fraction (the overlap of the shift alone)
+        # when the reference is smaller than the inspected image.
+        "compared_fraction": float(detection.valid.mean()),
         "threshold": detection.threshold.summary(),
         "blobs": detection.blobs,
         "config": dict(config),
