@@ -12,6 +12,7 @@ Flags become one ``DetectionConfig``; the library never reads ``FLAGS``.
 from __future__ import annotations
 
 import dataclasses
+import logging as python_logging
 import time
 
 import jax
@@ -318,6 +319,9 @@ def _detect_and_write() -> None:
 
 def main(argv):
     del argv
+    # Library warnings (too few valid pixels, for example) then print as log
+    # lines like the rest of the run rather than as raw Python warnings.
+    python_logging.captureWarnings(True)
     try:
         _detect_and_write()
     except (FileNotFoundError, FileExistsError, ValueError, hub.WeightsDownloadError) as error:

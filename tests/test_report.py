@@ -2,6 +2,7 @@
 
 import json
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 
@@ -77,3 +78,15 @@ def test_record_reports_compared_fraction(tmp_path):
     assert written["compared_fraction"] == pytest.approx(0.5)
     assert record["compared_fraction"] == written["compared_fraction"]
     assert written["alignment"]["valid_fraction"] == pytest.approx(0.95)
+
+
+def test_mask_png_is_8bit_grayscale(tmp_path):
+    detection = _detection()
+    detection.mask[10:14, 20:25] = True
+
+    write_detection(str(tmp_path), np.zeros((64, 80), np.float32), detection, {})
+
+    written = iio.imread(tmp_path / "mask.png")
+    assert written.shape == (64, 80)
+    assert written.dtype == np.uint8
+    np.testing.assert_array_equal(written > 0, detection.mask)

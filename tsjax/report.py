@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import matplotlib
 
 matplotlib.use("Agg")  # Figures are written to files; no display is needed.
+import imageio.v3 as iio  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from skimage import measure  # noqa: E402
@@ -134,7 +135,8 @@ def write_detection(
         1.0,
     )
     np.save(os.path.join(output_dir, "defect_map.npy"), detection.defect_map)
-    plt.imsave(os.path.join(output_dir, "mask.png"), detection.mask.astype(np.uint8) * 255, cmap="gray", vmin=0, vmax=255)
+    # An 8-bit grayscale PNG (0 or 255), which image tools read as a mask.
+    iio.imwrite(os.path.join(output_dir, "mask.png"), detection.mask.astype(np.uint8) * 255)
     _save_overlay(os.path.join(output_dir, "overlay.png"), inspected, detection)
 
     record = {
