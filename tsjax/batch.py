@@ -643,6 +643,9 @@ def _run_bucket(
     else:
         aligned, alignment_records, valids = _align_with_numpy(batch, config.margin)
     valid = _pad_to_canvas(valids, batch.inspected.shape[1:])
+    # Alignment overlaps minus their margins are rectangles, which allows the
+    # faster ridge scatter; the check runs on the host copy, before sharding.
+    rectangles = is_rectangle(valid)
     inspected = batch.inspected
     extents = make_extents(np.zeros_like(batch.sizes), batch.sizes)
     if mesh is not None:
@@ -675,9 +678,6 @@ def _run_bucket(
             for pair_valid in valids[:real_count]:
                 _warn_if_underdetermined(layer, int(pair_valid[::stride, ::stride].sum()), config.patch_size, channels)
         key = jax.random.key(config.seed)
-        # Alignment overlaps and their margins are rectangles, so this holds
-        # unless a mask came from elsewhere.
-        rectangles = is_rectangle(valid)
         states = fit_stage(
             features, valid, key, layers=config.layers, student=student, rectangles=rectangles, mesh=mesh
         )

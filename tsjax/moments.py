@@ -174,7 +174,7 @@ def _rectangle_scatter(padded: jax.Array, weight: jax.Array, patch_size: int) ->
 
     Args:
       padded: ``[h + 2r, w + 2r, C]`` map, whose entry ``(y + r, x + r)`` is
-        the feature at ``(y, x)``; the ``r``-wide frame holds the neighbours
+        the feature at ``(y, x)``; the ``r``-wide frame contains the neighbours
         that the border patches read.
       weight: ``[h, w]``, 1 on a rectangle and 0 elsewhere, or 0 everywhere.
       patch_size: Odd side ``k`` of the patches.
@@ -194,7 +194,7 @@ def _rectangle_scatter(padded: jax.Array, weight: jax.Array, patch_size: int) ->
     offsets = [(i - radius, j - radius) for i in range(patch_size) for j in range(patch_size)]
     # Block (a, b) for b at or after a in raster order; the others are transposes.
     displacements = sorted({(b[0] - a[0], b[1] - a[1]) for n, a in enumerate(offsets) for b in offsets[n:]})
-    column_of = {shift: n * channels for n, shift in enumerate(displacements)}
+    index_of = {shift: n for n, shift in enumerate(displacements)}
 
     # A zero frame of 2r more keeps every read below in bounds; the reads
     # that reach it belong to combinations that no block uses.
@@ -243,7 +243,7 @@ def _rectangle_scatter(padded: jax.Array, weight: jax.Array, patch_size: int) ->
 
     # The border rows: r on each side of each rectangle edge. On a rectangle
     # thinner than 2r the two groups overlap, and the second group then
-    # counts only the rows that the first does not hold.
+    # counts only the rows that the first does not contain.
     span = jnp.arange(2 * radius)
     border_rows = jnp.concatenate([top - radius + span, bottom - radius + span])
     border_cols = jnp.concatenate([left - radius + span, right - radius + span])
@@ -270,7 +270,7 @@ def _rectangle_scatter(padded: jax.Array, weight: jax.Array, patch_size: int) ->
     col_products = jax.vmap(col_product)(border_cols)
     corner_products = jax.vmap(jax.vmap(corner_product, (None, 0)), (0, None))(border_rows, border_cols)
 
-    # For a patch offset a, the rectangle shifted by a holds the core plus
+    # For a patch offset a, the rectangle shifted by a contains the core plus
     # the border rows in [top + a_y, bottom + a_y) and likewise columns.
     shifts = jnp.arange(-radius, radius + 1)[:, None]
     rows_in = first_rows & (border_rows >= top + shifts) & (border_rows < bottom + shifts)  # [k, 4r]
@@ -287,11 +287,11 @@ def _rectangle_scatter(padded: jax.Array, weight: jax.Array, patch_size: int) ->
 
     # Block (n, m) for n <= m is sums[n, :, displacement of m - n, :]; the
     # blocks below the diagonal are transposes of those above. One gather
-    # keeps the compiled program small (81 slices took seconds to compile).
+    # keeps the compiled program small (81 slices took about 5 s longer to compile).
     first = np.minimum.outer(np.arange(len(offsets)), np.arange(len(offsets)))
     second = np.maximum.outer(np.arange(len(offsets)), np.arange(len(offsets)))
     displacement_index = np.vectorize(
-        lambda n, m: column_of[offsets[m][0] - offsets[n][0], offsets[m][1] - offsets[n][1]] // channels
+        lambda n, m: index_of[offsets[m][0] - offsets[n][0], offsets[m][1] - offsets[n][1]]
     )(first, second)
     blocks = sums[first, :, displacement_index, :]  # [k^2, k^2, C, C]
     below = (np.arange(len(offsets))[:, None] > np.arange(len(offsets))[None, :])[..., None, None]

@@ -23,11 +23,15 @@ __all__ = ["OUTPUT_FILES", "check_output_dir", "write_detection"]
 OUTPUT_FILES = ("defect_map.png", "defect_map.npy", "mask.png", "overlay.png", "detections.json")
 
 
+def _layer_heatmaps(output_dir: str) -> list[str]:
+    """List the ``r2_<layer>.png`` files in ``output_dir``."""
+    return sorted(glob.glob(os.path.join(glob.escape(output_dir), "r2_*.png")))
+
+
 def _earlier_outputs(output_dir: str) -> list[str]:
     """List the files in ``output_dir`` whose names a run writes."""
     names = [os.path.join(output_dir, name) for name in OUTPUT_FILES]
-    existing = [path for path in names if os.path.exists(path)]
-    return existing + sorted(glob.glob(os.path.join(glob.escape(output_dir), "r2_*.png")))
+    return [path for path in names if os.path.exists(path)] + _layer_heatmaps(output_dir)
 
 
 def check_output_dir(output_dir: str, *, overwrite: bool) -> None:
@@ -114,8 +118,8 @@ def write_detection(
     """
     os.makedirs(output_dir, exist_ok=True)
     written = {os.path.join(output_dir, f"r2_{layer}.png") for layer in detection.layer_maps}
-    for path in _earlier_outputs(output_dir):
-        if path.endswith(".png") and os.path.basename(path).startswith("r2_") and path not in written:
+    for path in _layer_heatmaps(output_dir):
+        if path not in written:
             os.remove(path)
     for layer, layer_map in detection.layer_maps.items():
         _save_heatmap(
