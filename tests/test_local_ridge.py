@@ -244,10 +244,20 @@ def test_block_memory_of_a_4096_image_stays_bounded():
 
 
 def test_block_rows_follow_the_budget():
-    rows = local_ridge_module.block_rows("dual", 48, 7, 576, 64, True, 1024, 1, 256.0)
-    per_pixel = local_ridge_module._per_pixel_bytes("dual", 48, 7, 576, 64, True)
-    assert rows * 1024 * per_pixel <= 256 * 2**20
-    assert (rows + 1) * 1024 * per_pixel > 256 * 2**20
+    # Dual: the solver takes the cache-sized share of pixels, the band the rest of the budget.
+    layout = local_ridge_module.block_rows("dual", 48, 7, 576, 64, True, 1024, 1, 256.0)
+    solver_bytes = local_ridge_module._solver_bytes("dual", 48, 7, 576) * 1024
+    band_bytes = local_ridge_module._band_bytes("dual", 7, 576, 64, True) * 1024
+    assert layout.solver == 1
+    assert layout.band * band_bytes + solver_bytes <= 256 * 2**20
+    assert (layout.band + 1) * band_bytes + solver_bytes > 256 * 2**20
+    narrow = local_ridge_module.block_rows("dual", 48, 7, 576, 64, True, 60, 1, 256.0)
+    assert narrow.solver == 4 and narrow.band % narrow.solver == 0
+    # Primal: the d x d systems set the rows, and a band is one solver call.
+    primal = local_ridge_module.block_rows("primal", 48, 7, 576, 64, True, 1024, 1, 256.0)
+    per_pixel = local_ridge_module._solver_bytes("primal", 48, 7, 576)
+    assert primal.band == primal.solver
+    assert primal.solver == max(1, 256 * 2**20 // (per_pixel * 1024))
 
 
 def test_pipeline_rejects_states_fitted_elsewhere():

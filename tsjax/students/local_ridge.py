@@ -16,14 +16,16 @@ solves a ``d x d`` system per pixel, ``O(n d^2 + d^3)``, and the dual
 ``d`` is in the hundreds or thousands and ``n`` in the tens, so the dual is
 the default. Its Gram matrices are not formed window by window. For every
 displacement ``delta`` between two window samples, the map of channel dot
-products ``<f(p), f(p + delta)>`` is computed once per block of rows and
+products ``<f(p), f(p + delta)>`` is computed once per band of rows and
 box-summed over the ``k x k`` patch. Each window then reads its
 ``n x w^2`` Gram entries from these ``(2w - 1)^2`` maps, which costs
 ``O((2w - 1)^2 C)`` per pixel in place of ``O(n w^2 k^2 C)``.
 
-Pixels are processed in blocks of rows (``lax.map``) with the per-pixel
-solver vmapped inside a block, so the working memory is set by
-``max_block_mb`` and not by the image size.
+The map is processed in bands of rows (``lax.map``), so the working memory
+is set by ``max_block_mb`` and not by the image size. Each band computes its
+displacement maps once, then hands a few rows at a time (about 256 px) to
+the vmapped per-pixel solver, so that the Gram rows it reads and the
+solver's temporaries stay in cache.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "LocalRidgeState",
     "LocalRidgeStudent",
     "local_ridge_predict",
+    "BlockRows",
     "block_rows",
 ]
 
@@ -333,21 +336,52 @@ def _window_stack(maps: jax.Array, offsets: np.ndarray, rows: int, cols: int, ra
     return jnp.moveaxis(buffer, 0, 2)
 
 
-def _per_pixel_bytes(form: str, samples: int, window: int, dim: int, channels_out: int, prior: bool) -> int:
-    """Estimate the working memory of one pixel of a block, in bytes.
+# Pixels that one call of the vmapped per-pixel solver handles in dual form:
+# enough to amortise the loop step, few enough that the Gram rows and the
+# solver's temporaries (about 40 KB a pixel for n = 48) stay in cache. On
+# the teacher's layer1 and layer2 maps, blocks of 240 to 480 px ran fastest,
+# about 1.3x and 1.5x faster than one solver call per budget-sized band.
+_SOLVER_PIXELS = 256
 
-    Dual: the ``n x w^2`` Gram rows, four ``n x n`` solver temporaries and
-    two ``(2w - 1)^2`` displacement maps. Primal: the ``n x d`` window
-    patches and three ``d x d`` temporaries. The prior adds the pixel's patch
-    and its prior prediction.
+
+def _solver_bytes(form: str, samples: int, window: int, dim: int) -> int:
+    """Estimate the per-pixel working memory of the per-pixel solver, in bytes.
+
+    Dual: the ``n x w^2`` Gram rows and four ``n x n`` solver temporaries.
+    Primal: the ``n x d`` window patches and three ``d x d`` temporaries.
     """
     if form == "dual":
-        floats = samples * window * window + 4 * samples * samples + 2 * (2 * window - 1) ** 2
+        floats = samples * window * window + 4 * samples * samples
     else:
         floats = samples * dim + 3 * dim * dim + 2 * dim
+    return floats * _BYTES_PER_FLOAT
+
+
+def _band_bytes(form: str, window: int, dim: int, channels_out: int, prior: bool) -> int:
+    """Estimate the per-pixel memory of a band of rows around the solver, in bytes.
+
+    Dual: two ``(2w - 1)^2`` displacement maps. Both forms: the predictions,
+    and with the prior the pixel's patch and its prior prediction.
+    """
+    floats = channels_out
+    if form == "dual":
+        floats += 2 * (2 * window - 1) ** 2
     if prior:
         floats += dim + channels_out
     return floats * _BYTES_PER_FLOAT
+
+
+class BlockRows(NamedTuple):
+    """Split of a map's rows into bands and solver calls.
+
+    Attributes:
+      band: Rows per band; each band's displacement maps (and prior
+        prediction) are computed once. A multiple of ``solver``.
+      solver: Rows per call of the vmapped per-pixel solver.
+    """
+
+    band: int
+    solver: int
 
 
 def block_rows(
@@ -360,8 +394,13 @@ def block_rows(
     width: int,
     batch: int,
     max_block_mb: float,
-) -> int:
-    """Choose how many feature rows one block holds so that it fits ``max_block_mb``.
+) -> BlockRows:
+    """Choose the band and solver rows so that a band fits ``max_block_mb``.
+
+    The solver rows come first: as many as ``max_block_mb`` allows, and in
+    dual form at most the ``_SOLVER_PIXELS`` that keep its work in cache.
+    The band then takes as many whole solver blocks as the rest of the
+    budget holds.
 
     Args:
       form: ``'dual'`` or ``'primal'``.
@@ -372,13 +411,20 @@ def block_rows(
       prior: Whether the global prior is fitted.
       width: Map width in feature px.
       batch: Maps solved side by side (the batch is vmapped).
-      max_block_mb: Memory budget of one block, in MiB.
+      max_block_mb: Memory budget of one band, in MiB.
 
     Returns:
-      At least 1 row, so one very wide row can exceed the budget.
+      At least 1 solver row and 1 band row, so one very wide row can exceed
+      the budget.
     """
-    per_row = _per_pixel_bytes(form, samples, window, dim, channels_out, prior) * width * batch
-    return max(1, int(max_block_mb * 2**20 // per_row))
+    budget = max_block_mb * 2**20
+    solver_row = _solver_bytes(form, samples, window, dim) * width * batch
+    solver = max(1, int(budget // solver_row))
+    if form == "dual":
+        solver = min(solver, max(1, _SOLVER_PIXELS // (width * batch)))
+    band_row = _band_bytes(form, window, dim, channels_out, prior) * width * batch
+    band = max(1, int((budget - solver * solver_row) // band_row)) if form == "dual" else solver
+    return BlockRows(band=max(solver, band // solver * solver), solver=solver)
 
 
 def _pca_basis(ref: jax.Array, valid: jax.Array, components: int) -> jax.Array:
@@ -402,7 +448,7 @@ class _Prior(NamedTuple):
 
 
 class _Tiles(NamedTuple):
-    """One block of rows with the halo that its windows and patches reach."""
+    """One band of rows with the halo that its windows and patches reach."""
 
     ref: jax.Array
     local_ref: jax.Array
@@ -411,11 +457,11 @@ class _Tiles(NamedTuple):
 
 
 def _fit_prior(tile_at: callable, blocks: int, rows: int, width: int, radius: int, patch_size: int, alpha: float) -> _Prior:
-    """Fit one ridge map on every valid pixel of a map, one block at a time.
+    """Fit one ridge map on every valid pixel of a map, one band at a time.
 
     The penalty is the one of ``tsjax.students.ridge.ridge_solve``:
     ``alpha * trace(S) / d`` with a floor of ``1e-6 * trace(S) / d + 1e-12``.
-    Accumulating the moments block by block keeps the ``[h, w, d]`` patch
+    Accumulating the moments band by band keeps the ``[h, w, d]`` patch
     array from being materialised; the inputs are centred beforehand, so
     ``sum(x x^T) - N mean mean^T`` loses no float32 digits to cancellation.
     """
@@ -459,11 +505,14 @@ def _predict_one(
     prior_alpha: float | None,
     form: str,
     rows: int,
+    solver_rows: int,
 ) -> jax.Array:
     """Local ridge predictions for one map, ``[h, w, C_out]``; see ``local_ridge_predict``.
 
     ``ref`` feeds the prior and ``local_ref`` (``ref`` or its PCA projection)
-    the window fits.
+    the window fits. The map is processed in bands of ``rows`` rows, each
+    split into calls of the per-pixel solver on ``solver_rows`` rows (see
+    ``BlockRows``).
     """
     height, width, _ = ref.shape
     radius = window // 2
@@ -498,35 +547,50 @@ def _predict_one(
     if prior_alpha is not None:
         prior = _fit_prior(tile_at, blocks, rows, width, radius, patch_size, prior_alpha)
 
-    def solve_block(index: jax.Array) -> jax.Array:
+    def solve_band(index: jax.Array) -> jax.Array:
         tiles = tile_at(index)
         targets = tiles.insp
-        prediction = jnp.zeros((rows, width, insp.shape[-1]), insp.dtype)
         if prior is not None:
             prior_tile = _valid_patches(tiles.ref, patch_size) @ prior.weights + prior.bias
             targets = targets - prior_tile
-            prediction = prior_tile[radius : radius + rows, radius : radius + width]
-        weights = _window_stack(tiles.valid, fit_offsets, rows, width, radius)
         if form == "dual":
             grams = _shifted_grams(tiles.local_ref, window, patch_size)
             columns = np.append(fit_index, centre)
-            gram_rows = _window_gram_rows(grams, fit_offsets, columns, rows, width)
             solver = jax.vmap(jax.vmap(lambda g, v: _dual_coefficients(g, v, alpha, dim)))
-            beta = solver(gram_rows, weights)
         else:
             patches = _valid_patches(tiles.local_ref, patch_size)
-            inputs = _window_stack(patches, fit_offsets, rows, width, radius)
-            centre_inputs = patches[radius : radius + rows, radius : radius + width]
             solver = jax.vmap(jax.vmap(lambda x, x0, v: _primal_coefficients(x, x0, v, alpha)))
-            beta = solver(inputs, centre_inputs, weights)
-        # Sum the weighted targets one window offset at a time so that the
-        # [rows, width, n, C] stack of window targets is never materialised.
-        for sample, (dy, dx) in enumerate(fit_offsets):
-            shifted = targets[radius + dy : radius + dy + rows, radius + dx : radius + dx + width]
-            prediction = prediction + beta[..., sample, None] * shifted
-        return prediction
 
-    predictions = jax.lax.map(solve_block, jnp.arange(blocks))
+        def solve_rows(part: jax.Array) -> jax.Array:
+            # Solver rows [start, start + solver_rows) of the band, with the
+            # window's halo of ``radius`` rows on each side.
+            start = part * solver_rows
+            halo_rows = solver_rows + 2 * radius
+            valid_rows = jax.lax.dynamic_slice_in_dim(tiles.valid, start, halo_rows)
+            weights = _window_stack(valid_rows, fit_offsets, solver_rows, width, radius)
+            if form == "dual":
+                gram_band = jax.lax.dynamic_slice_in_dim(grams, start, halo_rows, axis=2)
+                beta = solver(_window_gram_rows(gram_band, fit_offsets, columns, solver_rows, width), weights)
+            else:
+                patch_rows = jax.lax.dynamic_slice_in_dim(patches, start, halo_rows)
+                inputs = _window_stack(patch_rows, fit_offsets, solver_rows, width, radius)
+                centre_inputs = patch_rows[radius : radius + solver_rows, radius : radius + width]
+                beta = solver(inputs, centre_inputs, weights)
+            target_rows = jax.lax.dynamic_slice_in_dim(targets, start, halo_rows)
+            # Sum the weighted targets one window offset at a time so that the
+            # [rows, width, n, C] stack of window targets is never materialised.
+            prediction = jnp.zeros((solver_rows, width, insp.shape[-1]), insp.dtype)
+            for sample, (dy, dx) in enumerate(fit_offsets):
+                shifted = target_rows[radius + dy : radius + dy + solver_rows, radius + dx : radius + dx + width]
+                prediction = prediction + beta[..., sample, None] * shifted
+            return prediction
+
+        fitted = jax.lax.map(solve_rows, jnp.arange(rows // solver_rows)).reshape(rows, width, -1)
+        if prior is not None:
+            fitted = fitted + prior_tile[radius : radius + rows, radius : radius + width]
+        return fitted
+
+    predictions = jax.lax.map(solve_band, jnp.arange(blocks))
     return predictions.reshape(blocks * rows, width, -1)[:height]
 
 
@@ -599,7 +663,7 @@ def local_ridge_predict(
         windows see onto this many principal components of the map's valid
         reference features, which shrinks ``d`` to ``k * k * components``.
         The prior always sees every channel.
-      max_block_mb: Estimated working memory of one block of rows, in MiB.
+      max_block_mb: Estimated working memory of one band of rows, in MiB.
 
     Returns:
       ``[B, h, w, C_out]`` float32 predictions.
@@ -631,9 +695,11 @@ def local_ridge_predict(
     form = _resolve_form(form, samples, dim, alpha)
     prior = prior_alpha is not None
     batch, height, width = ref.shape[:3]
-    max_rows = block_rows(form, samples, window, dim, insp.shape[-1], prior, width, batch, max_block_mb)
-    # Split the rows into equal blocks so the last one is not mostly padding.
-    rows = math.ceil(height / math.ceil(height / max_rows))
+    layout = block_rows(form, samples, window, dim, insp.shape[-1], prior, width, batch, max_block_mb)
+    solver_rows = min(layout.solver, height)
+    # Split the rows into equal bands so the last one is not mostly padding.
+    rows = math.ceil(height / math.ceil(height / max(layout.band, solver_rows)))
+    rows = math.ceil(rows / solver_rows) * solver_rows
 
     def predict(one_ref: jax.Array, one_local: jax.Array, one_insp: jax.Array, one_valid: jax.Array) -> jax.Array:
         return _predict_one(
@@ -648,6 +714,7 @@ def local_ridge_predict(
             prior_alpha=prior_alpha,
             form=form,
             rows=rows,
+            solver_rows=solver_rows,
         )
 
     return jax.vmap(predict)(ref, local_ref, insp, valid)
@@ -719,7 +786,7 @@ class LocalRidgeStudent:
       components: Principal components of the reference channels that the
         window fits see (0 keeps all channels).
       form: ``'auto'``, ``'dual'`` or ``'primal'``.
-      max_block_mb: Estimated working memory of one block, in MiB.
+      max_block_mb: Estimated working memory of one band of rows, in MiB.
     """
 
     patch_size: int = 3
