@@ -142,12 +142,16 @@ def odd_image():
     return rng.uniform(0.0, 1.0, (45, 59)).astype(np.float32)
 
 
-def test_shared_weights_match_numpy_resnet(shared_dir, odd_image):
+@pytest.mark.parametrize("form", ["rgb", "gray"])
+def test_shared_weights_match_numpy_resnet(shared_dir, odd_image, form):
+    # The gray form folds the three channels into conv1; it must still give
+    # the RGB network's features.
     folder = shared_dir / "weights" / "resnet18_imagenet_bnfolded"
     variables = teacher.load_pretrained(folder)
     state_dict = {path.stem: np.load(path) for path in folder.glob("*.npy")}
+    inputs = teacher.preprocess(odd_image) if form == "rgb" else odd_image[None]
 
-    features = teacher.ResNet18().apply(variables, teacher.preprocess(odd_image))
+    features = teacher.ResNet18().apply(variables, inputs)
     normalised = np.asarray(teacher.preprocess(odd_image))[0].transpose(2, 0, 1).astype(np.float64)
     expected = _reference_resnet18(normalised, state_dict)
 
@@ -156,6 +160,27 @@ def test_shared_weights_match_numpy_resnet(shared_dir, odd_image):
         assert actual.shape == expected[layer].shape, layer
         # float32 JAX against float64 NumPy: 1e-4 relative (Frobenius norm).
         assert _relative_error(actual, expected[layer]) < 1e-4, layer
+
+
+def test_gray_input_on_canvas_pads_outside_image(odd_image):
+    # A 45 x 59 image at rows 3-47 and columns 5-63 of a 56 x 72 canvas with
+    # other values around it. Given the indicators, the stem must see zero
+    # padding outside the image, as the RGB form does for a zeroed input.
+    variables = teacher.random_variables(jax.random.key(1), last_layer="stem")
+    canvas = np.full((1, 56, 72), 0.7, np.float32)
+    canvas[0, 3:48, 5:64] = odd_image
+    rows_inside = np.zeros((1, 56), np.float32)
+    rows_inside[0, 3:48] = 1.0
+    cols_inside = np.zeros((1, 72), np.float32)
+    cols_inside[0, 5:64] = 1.0
+    inside = (rows_inside[:, :, None] * cols_inside[:, None, :])[..., None]
+    model = teacher.ResNet18(last_layer="stem")
+
+    gray = model.apply(variables, canvas, (rows_inside, cols_inside))["stem"]
+    rgb = model.apply(variables, teacher.preprocess(canvas) * inside)["stem"]
+
+    assert gray.shape == rgb.shape == (1, 28, 36, 64)
+    assert _relative_error(np.asarray(gray), np.asarray(rgb)) < 1e-5
 
 
 def test_separate_batch_norm_matches_numpy(odd_image):
@@ -200,7 +225,7 @@ def test_max_pool_pads_with_negative_infinity():
 
 def test_bad_inputs_are_rejected():
     variables = teacher.random_variables(jax.random.key(0), last_layer="stem")
-    with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+    with pytest.raises(ValueError, match=r"\[B, H, W, 3\].*\[B, H, W\] grayscale; got shape \(1, 32, 32, 1\)"):
         teacher.ResNet18(last_layer="stem").apply(variables, jnp.zeros((1, 32, 32, 1)))
     with pytest.raises(ValueError, match="layer9"):
         teacher.ResNet18(last_layer="layer9").apply(variables, jnp.zeros((1, 32, 32, 3)))

@@ -3,8 +3,9 @@
 ``detect_batch`` runs ``tsjax.pipeline.detect`` on many pairs at once. Each
 JAX stage (alignment, teacher, student fit, scoring) is one jitted call over
 a batch of ``B`` pairs that vmaps the per-pair computation. On CPU it does
-so in steps of ``_CPU_PAIRS_PER_STEP`` pairs, and the alignment and the
-ridge solves loop over single pairs. Pairs are padded to a *bucket* shape, the image size rounded up
+so in steps of ``_CPU_PAIRS_PER_STEP`` pairs (the teacher in steps of
+``_CPU_TEACHER_PAIRS_PER_STEP``), and the alignment and the ridge solves
+loop over single pairs. Pairs are padded to a *bucket* shape, the image size rounded up
 to a multiple of ``bucket_multiple`` px, and each stage knows every pair's
 true size (``tsjax.canvas``), so a stream of pairs whose sizes share a
 bucket reuses the compiled stages. The NumPy steps of ``detect`` (the valid
@@ -52,7 +53,7 @@ from tsjax.moments import RidgeMoments, is_rectangle, patch_moments, solve_momen
 from tsjax.pipeline import Detection, _warn_if_underdetermined, align_and_mask, match_reference_shape, segment, valid_mask
 from tsjax.score import defect_probability
 from tsjax.students import RidgeStudent, Student, make_student
-from tsjax.teacher import LAYER_STRIDES, ResNet18, preprocess
+from tsjax.teacher import LAYER_STRIDES, ResNet18
 
 __all__ = [
     "DEFAULT_BUCKET_MULTIPLE",
@@ -87,9 +88,16 @@ _UPSAMPLE_FACTOR = 20
 _TRACES: collections.Counter = collections.Counter()
 
 # On CPU the per-pair stages vmap over at most this many pairs at a time
-# and loop over such steps. The teacher's time per 480 px pair measured flat
-# from 1 to 8 pairs and doubled at 16, as larger steps outgrow the caches.
+# and loop over such steps. Larger steps outgrow the caches: the teacher's
+# time per 480 px pair doubled at 16 pairs. For the ridge fit at B = 16,
+# steps of 1, 2 and 4 pairs took 97, 92 and 90 ms per pair.
 _CPU_PAIRS_PER_STEP = 4
+
+# The teacher's step is smaller: its intermediates (a 480 px image's stem
+# output alone is 15 MB) are allocated afresh in every call, and fewer pairs
+# per step touch fewer new pages. It took 103, 108 and 109 ms per pair with
+# steps of 1, 2 and 4 pairs in the same run.
+_CPU_TEACHER_PAIRS_PER_STEP = 1
 
 # Partition specs of per-pair arrays and of values every device needs whole.
 _PAIRS = PartitionSpec(sharding.PAIR_AXIS)
@@ -186,13 +194,14 @@ def prepare_batch(
     return PairBatch(canvas_refs, canvas_insp, sizes, covered)
 
 
-def _map_pairs(function: Callable, pairs: tuple) -> Any:
+def _map_pairs(function: Callable, pairs: tuple, pairs_per_step: int = _CPU_PAIRS_PER_STEP) -> Any:
     """Apply ``function`` to every pair: vmapped, on CPU in steps of a few pairs.
 
     Args:
       function: Takes one pair's slices of ``pairs`` (pytrees whose leading
         axis is the pairs) and returns a pytree of arrays.
       pairs: The batched arguments.
+      pairs_per_step: Largest number of pairs vmapped together on CPU.
 
     Returns:
       The outputs with a leading pairs axis.
@@ -201,7 +210,7 @@ def _map_pairs(function: Callable, pairs: tuple) -> Any:
     batched = jax.vmap(function)
     if jax.default_backend() != "cpu":
         return batched(*pairs)
-    step = max(size for size in range(1, min(count, _CPU_PAIRS_PER_STEP) + 1) if count % size == 0)
+    step = max(size for size in range(1, min(count, pairs_per_step) + 1) if count % size == 0)
     if step == count:
         return batched(*pairs)
     chunks = jax.tree_util.tree_map(lambda value: value.reshape(count // step, step, *value.shape[1:]), pairs)
@@ -280,13 +289,15 @@ def teacher_stage(
         extents = jnp.stack([extent, extent])
         images = gaussian_filter_reflect(jnp.stack([reference, target]), extents, denoise_sigma)
         if filled:
-            features = ResNet18(last_layer=last_layer).apply(variables, preprocess(images))
+            features = ResNet18(last_layer=last_layer).apply(variables, images)
             return {layer: features[layer] for layer in layers}
         features = canvas_features(variables, images, extents, last_layer)
         return {layer: replicate_edges(features[layer], extents, LAYER_STRIDES[layer]) for layer in layers}
 
     def all_pairs(variables, aligned, inspected, extents):
-        return _map_pairs(lambda *pair: one_pair(variables, *pair), (aligned, inspected, extents))
+        return _map_pairs(
+            lambda *pair: one_pair(variables, *pair), (aligned, inspected, extents), _CPU_TEACHER_PAIRS_PER_STEP
+        )
 
     return sharding.per_device(all_pairs, mesh, (_WHOLE, _PAIRS, _PAIRS, _PAIRS))(
         variables, aligned, inspected, extents

@@ -34,7 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from tsjax.score import gaussian_smooth
-from tsjax.teacher import LAYER_STRIDES, ResNet18, preprocess
+from tsjax.teacher import LAYER_STRIDES, ResNet18
 
 __all__ = [
     "CANVAS_MULTIPLE",
@@ -199,9 +199,15 @@ def canvas_features(
             outputs = zero_outside(outputs)
         return outputs
 
-    inputs = zero_outside(preprocess(images))
+    # The grayscale input form zeroes the image outside its extent itself
+    # (``tsjax.teacher.GrayStem``); its 3-D input is never intercepted.
+    row_start, row_stop, col_start, col_stop = index_ranges(extents, 1)
+    rows = jnp.arange(canvas_height)
+    cols = jnp.arange(canvas_width)
+    rows_inside = ((rows >= row_start[:, None]) & (rows < row_stop[:, None])).astype(images.dtype)
+    cols_inside = ((cols >= col_start[:, None]) & (cols < col_stop[:, None])).astype(images.dtype)
     with nn.intercept_methods(interceptor):
-        return ResNet18(last_layer=last_layer).apply(variables, inputs)
+        return ResNet18(last_layer=last_layer).apply(variables, images, (rows_inside, cols_inside))
 
 
 def _reflect_index(index: jax.Array, start: jax.Array, stop: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ from tsjax.config import DetectionConfig
 from tsjax.postprocess import Threshold, choose_threshold, clean_mask, find_blobs
 from tsjax.score import defect_probability, gaussian_smooth, upsample_to_image
 from tsjax.students import Student, is_transductive, make_student
-from tsjax.teacher import LAYER_STRIDES, ResNet18, preprocess
+from tsjax.teacher import LAYER_STRIDES, ResNet18
 
 __all__ = [
     "Detection",
@@ -160,7 +160,7 @@ def extract_features(variables: Mapping, images: jax.Array, last_layer: str) -> 
     Returns:
       Feature maps keyed by layer name up to ``last_layer``, ``[B, h, w, C]``.
     """
-    return ResNet18(last_layer=last_layer).apply(variables, preprocess(images))
+    return ResNet18(last_layer=last_layer).apply(variables, jnp.asarray(images, jnp.float32))
 
 
 def feature_valid(valid: np.ndarray, layer: str, feature_shape: tuple[int, int]) -> np.ndarray:

@@ -39,6 +39,7 @@ __all__ = [
     "IMAGENET_STD",
     "BN_EPSILON",
     "ResNet18",
+    "GrayStem",
     "preprocess",
     "torchvision_key_map",
     "load_pretrained",
@@ -107,6 +108,65 @@ class BasicBlock(nn.Module):
         return nn.relu(y + residual)
 
 
+class GrayStem(nn.Module):
+    """ResNet-18's ``conv1`` applied to a grayscale image as if it were RGB.
+
+    ``preprocess`` replicates the gray value ``g`` to three channels and
+    normalises them, ``x_c = (g - m_c) / s_c``, and the convolution pads
+    ``x`` with zeros. With ``1`` the indicator of the image's pixels (zero in
+    the padding and outside a canvas's image),
+
+        conv(x, W) = conv(g 1, sum_c W_c / s_c) - conv(1, sum_c W_c m_c / s_c),
+
+    exactly. The first term is a one-channel convolution, about 0.6 of the
+    three-channel one's time on CPU. The indicator is a rectangle, the outer
+    product of a row and a column indicator, so the second term is two small
+    contractions. The parameters are ``conv1``'s, ``kernel [7, 7, 3, 64]``
+    and ``bias [64]``, under the same names.
+
+    Call:
+      gray: ``[B, H, W]`` float32 grayscale, values in [0, 1].
+      rows_inside: ``[B, H]`` 0/1, the rows that show the image.
+      cols_inside: ``[B, W]`` 0/1, the columns that show the image.
+
+    Returns:
+      ``[B, ceil(H/2), ceil(W/2), 64]``, ``conv1`` of the normalised RGB
+      image with zeros outside the image.
+    """
+
+    @nn.compact
+    def __call__(self, gray: jax.Array, rows_inside: jax.Array, cols_inside: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (7, 7, 3, 64))
+        bias = self.param("bias", nn.initializers.zeros_init(), (64,))
+        mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+        std = jnp.asarray(IMAGENET_STD, jnp.float32)
+        gray_kernel = jnp.einsum("ijco,c->ijo", kernel, 1.0 / std)[:, :, None, :]
+        mean_kernel = jnp.einsum("ijco,c->ijo", kernel, mean / std)
+        inside = rows_inside[:, :, None] * cols_inside[:, None, :]
+        main = jax.lax.conv_general_dilated(
+            (gray * inside)[..., None],
+            gray_kernel,
+            (2, 2),
+            ((3, 3), (3, 3)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        # Tap i of output row y reads padded row 2y + i.
+        out_height, out_width = main.shape[1:3]
+        row_taps = _stride_two_taps(rows_inside, out_height)
+        col_taps = _stride_two_taps(cols_inside, out_width)
+        # Contract the columns first, then the rows: each step is a small
+        # matmul, where one three-operand einsum built a [B, h, w, 7, 64] product.
+        col_terms = jnp.einsum("bxj,ijo->bixo", col_taps, mean_kernel)
+        mean_term = jnp.einsum("byi,bixo->byxo", row_taps, col_terms)
+        return main - mean_term + bias
+
+
+def _stride_two_taps(inside: jax.Array, size: int) -> jax.Array:
+    """Return ``[B, size, 7]``: the 3-padded indicator read at ``2 * y + i``."""
+    padded = jnp.pad(inside, ((0, 0), (3, 3 + 1)))
+    return jnp.stack([padded[:, i : i + 2 * size : 2] for i in range(7)], axis=-1)
+
+
 class ResNet18(nn.Module):
     """ResNet-18 feature extractor up to ``last_layer``.
 
@@ -115,7 +175,13 @@ class ResNet18(nn.Module):
         are neither built nor run, so checkpoints that stop early still load.
 
     Call:
-      x: ``[B, H, W, 3]`` float32, ImageNet-normalised (see ``preprocess``).
+      x: ``[B, H, W, 3]`` float32, ImageNet-normalised (see ``preprocess``),
+        or ``[B, H, W]`` grayscale in [0, 1], which gives the same features
+        faster (``GrayStem``).
+      inside: With grayscale ``x`` only, optional ``([B, H], [B, W])`` 0/1
+        row and column indicators of the image on a larger canvas; the
+        teacher then treats every pixel outside as zero padding. By default
+        the whole of ``x`` is the image.
 
     Returns:
       A dict of feature maps keyed by layer name, NHWC: ``'stem'`` after
@@ -127,21 +193,26 @@ class ResNet18(nn.Module):
     last_layer: str = "layer3"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array, inside: tuple[jax.Array, jax.Array] | None = None) -> dict[str, jax.Array]:
         if self.last_layer not in LAYERS:
             raise ValueError(
                 f"last_layer={self.last_layer!r} is not a teacher layer; "
                 f"use one of {LAYERS}."
             )
-        if x.ndim != 4 or x.shape[-1] != 3:
+        if x.ndim == 3:
+            if inside is None:
+                inside = (jnp.ones(x.shape[:2], x.dtype), jnp.ones((x.shape[0], x.shape[2]), x.dtype))
+            x = GrayStem(name="conv1")(x, *inside)
+        elif x.ndim == 4 and x.shape[-1] == 3:
+            x = _conv(64, 7, 2, "conv1")(x)
+        else:
             raise ValueError(
-                f"teacher input must be [B, H, W, 3]; got shape {x.shape}. "
-                "Use tsjax.teacher.preprocess to convert grayscale images."
+                f"teacher input must be [B, H, W, 3] (see tsjax.teacher.preprocess) or [B, H, W] "
+                f"grayscale; got shape {x.shape}."
             )
         depth = LAYERS.index(self.last_layer)
         features = {}
 
-        x = _conv(64, 7, 2, "conv1")(x)
         x = nn.relu(_bn("bn1")(x))
         features["stem"] = x
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
