@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tsjax import teacher
+from tsjax import canvas, teacher
 
 EPS = 1e-5
 
@@ -181,6 +181,46 @@ def test_gray_input_on_canvas_pads_outside_image(odd_image):
 
     assert gray.shape == rgb.shape == (1, 28, 36, 64)
     assert _relative_error(np.asarray(gray), np.asarray(rgb)) < 1e-5
+
+
+@pytest.mark.parametrize("band_rows", [1, 3, 8])
+@pytest.mark.parametrize("shape", [(2, 64, 64), (1, 45, 59), (1, 70, 37)])
+def test_pooled_stem_matches_module(shape, band_rows):
+    # Random batch-norm statistics, so that the banded bn1 is checked too.
+    state_dict = _random_unfolded_state_dict(seed=5)
+    variables = teacher.load_state_dict(state_dict, last_layer="layer2")
+    images = np.random.default_rng(2).uniform(0.0, 1.0, shape).astype(np.float32)
+
+    expected = teacher.ResNet18(last_layer="layer2").apply(variables, images)
+    pooled = teacher.pooled_stem(variables, images, band_rows=band_rows)
+    actual = teacher.ResNet18(last_layer="layer2", from_stem=True).apply(variables, pooled)
+
+    assert set(actual) == {"layer1", "layer2"}
+    for layer in ("layer1", "layer2"):
+        assert actual[layer].shape == expected[layer].shape, layer
+        assert _relative_error(np.asarray(actual[layer]), np.asarray(expected[layer])) < 1e-5, layer
+
+
+def test_canvas_features_without_stem_match(odd_image):
+    state_dict = _random_unfolded_state_dict(seed=6)
+    variables = teacher.load_state_dict(state_dict, last_layer="layer2")
+    images = np.zeros((2, 64, 80), np.float32)
+    images[0, :45, :59] = odd_image
+    images[1] = np.random.default_rng(4).uniform(0.0, 1.0, (64, 80))
+    extents = canvas.make_extents(np.zeros((2, 2)), np.array([[45, 59], [64, 80]]))
+
+    expected = canvas.canvas_features(variables, images, extents, "layer2")
+    actual = canvas.canvas_features(variables, images, extents, "layer2", with_stem=False)
+
+    assert "stem" not in actual
+    for layer in ("layer1", "layer2"):
+        assert _relative_error(np.asarray(actual[layer]), np.asarray(expected[layer])) < 1e-5, layer
+
+
+def test_from_stem_rejects_an_image():
+    variables = teacher.random_variables(jax.random.key(0), last_layer="layer1")
+    with pytest.raises(ValueError, match=r"from_stem=True expects the \[B, h, w, 64\] max-pooled stem"):
+        teacher.ResNet18(last_layer="layer1", from_stem=True).apply(variables, jnp.zeros((1, 32, 32, 3)))
 
 
 def test_separate_batch_norm_matches_numpy(odd_image):

@@ -53,7 +53,7 @@ from tsjax.moments import RidgeMoments, is_rectangle, patch_moments, solve_momen
 from tsjax.pipeline import Detection, _warn_if_underdetermined, align_and_mask, match_reference_shape, segment, valid_mask
 from tsjax.score import defect_probability
 from tsjax.students import RidgeStudent, Student, make_student
-from tsjax.teacher import LAYER_STRIDES, ResNet18
+from tsjax.teacher import LAYER_STRIDES, ResNet18, pooled_stem
 
 __all__ = [
     "DEFAULT_BUCKET_MULTIPLE",
@@ -93,10 +93,10 @@ _TRACES: collections.Counter = collections.Counter()
 # steps of 1, 2 and 4 pairs took 97, 92 and 90 ms per pair.
 _CPU_PAIRS_PER_STEP = 4
 
-# The teacher's step is smaller: its intermediates (a 480 px image's stem
-# output alone is 15 MB) are allocated afresh in every call, and fewer pairs
-# per step touch fewer new pages. It took 103, 108 and 109 ms per pair with
-# steps of 1, 2 and 4 pairs in the same run.
+# The teacher's step is smaller: its intermediates (each layer1 map of a
+# 480 px image is 3.7 MB) are allocated afresh in every call, and fewer
+# pairs per step touch fewer new pages. At B = 16 it took 103 ms per pair
+# with steps of one pair and 108 ms with steps of four.
 _CPU_TEACHER_PAIRS_PER_STEP = 1
 
 # Partition specs of per-pair arrays and of values every device needs whole.
@@ -288,10 +288,14 @@ def teacher_stage(
     def one_pair(variables: Mapping, reference: jax.Array, target: jax.Array, extent: jax.Array) -> dict[str, jax.Array]:
         extents = jnp.stack([extent, extent])
         images = gaussian_filter_reflect(jnp.stack([reference, target]), extents, denoise_sigma)
+        with_stem = "stem" in layers
         if filled:
-            features = ResNet18(last_layer=last_layer).apply(variables, images)
+            if with_stem:
+                features = ResNet18(last_layer=last_layer).apply(variables, images)
+            else:
+                features = ResNet18(last_layer=last_layer, from_stem=True).apply(variables, pooled_stem(variables, images))
             return {layer: features[layer] for layer in layers}
-        features = canvas_features(variables, images, extents, last_layer)
+        features = canvas_features(variables, images, extents, last_layer, with_stem)
         return {layer: replicate_edges(features[layer], extents, LAYER_STRIDES[layer]) for layer in layers}
 
     def all_pairs(variables, aligned, inspected, extents):

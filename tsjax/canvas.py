@@ -34,7 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from tsjax.score import gaussian_smooth
-from tsjax.teacher import LAYER_STRIDES, ResNet18
+from tsjax.teacher import LAYER_STRIDES, ResNet18, pooled_stem
 
 __all__ = [
     "CANVAS_MULTIPLE",
@@ -152,7 +152,7 @@ def replicate_edges(maps: ArrayLike, extents: ArrayLike, stride: int) -> jax.Arr
 
 
 def canvas_features(
-    variables: Mapping, images: ArrayLike, extents: ArrayLike, last_layer: str
+    variables: Mapping, images: ArrayLike, extents: ArrayLike, last_layer: str, with_stem: bool = True
 ) -> dict[str, jax.Array]:
     """Run the teacher on canvases as if each contained only its image.
 
@@ -162,6 +162,8 @@ def canvas_features(
         are multiples of ``CANVAS_MULTIPLE``.
       extents: ``[N, 4]`` int extents of the image on each canvas.
       last_layer: Deepest teacher layer to compute.
+      with_stem: Also return ``'stem'``. Without it the stem is computed
+        band by band (``tsjax.teacher.pooled_stem``), which is faster.
 
     Returns:
       Feature maps keyed by layer name up to ``last_layer``, ``[N, h, w, C]``
@@ -201,13 +203,24 @@ def canvas_features(
 
     # The grayscale input form zeroes the image outside its extent itself
     # (``tsjax.teacher.GrayStem``); its 3-D input is never intercepted.
-    row_start, row_stop, col_start, col_stop = index_ranges(extents, 1)
-    rows = jnp.arange(canvas_height)
-    cols = jnp.arange(canvas_width)
-    rows_inside = ((rows >= row_start[:, None]) & (rows < row_stop[:, None])).astype(images.dtype)
-    cols_inside = ((cols >= col_start[:, None]) & (cols < col_stop[:, None])).astype(images.dtype)
+    inside = _inside(extents, 1, (canvas_height, canvas_width), images.dtype)
     with nn.intercept_methods(interceptor):
-        return ResNet18(last_layer=last_layer).apply(variables, images, (rows_inside, cols_inside))
+        if with_stem or last_layer == "stem":
+            return ResNet18(last_layer=last_layer).apply(variables, images, inside)
+        stem_inside = _inside(extents, 2, (-(-canvas_height // 2), -(-canvas_width // 2)), images.dtype)
+        pooled = pooled_stem(variables, images, inside, stem_inside)
+        return ResNet18(last_layer=last_layer, from_stem=True).apply(variables, pooled)
+
+
+def _inside(extents: jax.Array, stride: int, shape: tuple[int, int], dtype) -> tuple[jax.Array, jax.Array]:
+    # Row and column 0/1 indicators, [N, h] and [N, w], of the grid
+    # positions that show the image (extent_mask is their outer product).
+    row_start, row_stop, col_start, col_stop = index_ranges(extents, stride)
+    rows = jnp.arange(shape[0])
+    cols = jnp.arange(shape[1])
+    rows_inside = (rows >= row_start[:, None]) & (rows < row_stop[:, None])
+    cols_inside = (cols >= col_start[:, None]) & (cols < col_stop[:, None])
+    return rows_inside.astype(dtype), cols_inside.astype(dtype)
 
 
 def _reflect_index(index: jax.Array, start: jax.Array, stop: jax.Array) -> jax.Array:

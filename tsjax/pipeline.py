@@ -25,7 +25,7 @@ from tsjax.config import DetectionConfig
 from tsjax.postprocess import Threshold, choose_threshold, clean_mask, find_blobs
 from tsjax.score import defect_probability, gaussian_smooth, upsample_to_image
 from tsjax.students import Student, is_transductive, make_student
-from tsjax.teacher import LAYER_STRIDES, ResNet18
+from tsjax.teacher import LAYER_STRIDES, ResNet18, pooled_stem
 
 __all__ = [
     "Detection",
@@ -153,14 +153,26 @@ def segment(defect_map: np.ndarray, valid: np.ndarray, config: DetectionConfig) 
     return threshold, mask, find_blobs(mask, defect_map)
 
 
-@functools.partial(jax.jit, static_argnames=("last_layer",))
-def extract_features(variables: Mapping, images: jax.Array, last_layer: str) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("last_layer", "with_stem"))
+def extract_features(
+    variables: Mapping, images: jax.Array, last_layer: str, with_stem: bool = True
+) -> dict[str, jax.Array]:
     """Run the teacher on ``[B, H, W]`` grayscale images in [0, 1].
+
+    Args:
+      variables: Teacher variables.
+      images: ``[B, H, W]`` grayscale images.
+      last_layer: Deepest layer to compute.
+      with_stem: Also return ``'stem'``. Without it the stem is computed
+        band by band (``tsjax.teacher.pooled_stem``), which is faster.
 
     Returns:
       Feature maps keyed by layer name up to ``last_layer``, ``[B, h, w, C]``.
     """
-    return ResNet18(last_layer=last_layer).apply(variables, jnp.asarray(images, jnp.float32))
+    images = jnp.asarray(images, jnp.float32)
+    if with_stem or last_layer == "stem":
+        return ResNet18(last_layer=last_layer).apply(variables, images)
+    return ResNet18(last_layer=last_layer, from_stem=True).apply(variables, pooled_stem(variables, images))
 
 
 def feature_valid(valid: np.ndarray, layer: str, feature_shape: tuple[int, int]) -> np.ndarray:
@@ -356,7 +368,7 @@ def detect(
     pair = np.stack([alignment.aligned_reference, inspected]).astype(np.float32)
     if config.denoise_sigma > 0:
         pair = np.stack([ndimage.gaussian_filter(image, config.denoise_sigma) for image in pair])
-    features = extract_features(variables, jnp.asarray(pair), config.deepest_layer)
+    features = extract_features(variables, jnp.asarray(pair), config.deepest_layer, "stem" in config.layers)
     ref_features = {layer: features[layer][:1] for layer in config.layers}
     insp_features = {layer: features[layer][1:] for layer in config.layers}
     jax.block_until_ready(ref_features)
