@@ -46,7 +46,20 @@ flags.DEFINE_string(
     ".pth checkpoint, or 'random' (tests and ablations only). Unset: TSJAX_TEACHER_WEIGHTS, "
     "then pretrained/resnet18_imagenet.npz, then torchvision's ImageNet download.",
 )
-flags.DEFINE_enum("student", "ridge", sorted(STUDENTS), "Student that predicts inspected features.")
+flags.DEFINE_string(
+    "student",
+    "ridge",
+    f"Student that predicts inspected features: {', '.join(sorted(STUDENTS))}, or a class of your own "
+    "registered before this module is imported (docs/students.md, 'Writing a new student').",
+)
+flags.register_validator(
+    "student",
+    lambda name: name in STUDENTS,
+    message=(
+        f"--student must be one of {', '.join(sorted(STUDENTS))}. To run a student class of your own, register "
+        "it and start the runner from a wrapper script, as docs/students.md shows under 'Writing a new student'."
+    ),
+)
 flags.DEFINE_list(
     "student_options",
     [],
@@ -133,7 +146,7 @@ def student_from_flags(config: DetectionConfig) -> Student:
     for pair in FLAGS.student_options:
         key, separator, value = pair.partition("=")
         if not separator or not key:
-            raise app.UsageError(f"--student_options entries must be key=value; got {pair!r}.")
+            raise ValueError(f"--student_options entries must be key=value; got {pair!r}.")
         options[key.strip()] = value.strip()
     return make_student(FLAGS.student, patch_size=config.patch_size, alpha=config.alpha, options=options)
 
@@ -183,8 +196,10 @@ def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
     return pipeline.fit_students(student, variables, aligned, targets, valids, config.layers, fit_key)
 
 
-def _student_and_states(variables, teacher_sha256: str, config: DetectionConfig) -> tuple[Student, dict | None, float]:
-    """Load the checkpointed student, fit one on training pairs, or leave fitting to detect."""
+def _student_and_states(
+    student: Student | None, variables, teacher_sha256: str, config: DetectionConfig
+) -> tuple[Student, dict | None, float]:
+    """Load the checkpointed student, fit ``student`` on training pairs, or leave fitting to detect."""
     if FLAGS.student_checkpoint:
         conflicts = [
             f"--{name}" for name in ("train_reference", "train_inspected", "student_options") if FLAGS[name].present
@@ -203,7 +218,6 @@ def _student_and_states(variables, teacher_sha256: str, config: DetectionConfig)
         logging.info("student: loaded %s from %s in %.2f s", student.name, FLAGS.student_checkpoint, time.perf_counter() - start)
         return student, states, 0.0
 
-    student = student_from_flags(config)
     if not (FLAGS.train_reference or FLAGS.train_inspected):
         return student, None, 0.0
     start = time.perf_counter()
@@ -242,6 +256,9 @@ def _detect_and_write() -> None:
                 raise app.UsageError(f"--{name} is required (or pass --demo).")
         output_dir = FLAGS.output_dir
     config = config_from_flags()
+    # Build the student now, so that a bad --student_options fails before
+    # the images and the teacher load.
+    student = None if FLAGS.student_checkpoint else student_from_flags(config)
     logging.info("JAX devices: %s", jax.devices())
     check_output_dir(output_dir, overwrite=FLAGS.overwrite)
 
@@ -258,6 +275,7 @@ def _detect_and_write() -> None:
         inspected = io.load_image(FLAGS.inspected)
     load_time = time.perf_counter() - start
     logging.info("load: reference %s, inspected %s in %.2f s", reference.shape, inspected.shape, load_time)
+    io.check_pair_sizes(reference.shape, inspected.shape)
     if reference.shape != inspected.shape:
         logging.warning(
             "the reference %s and inspected %s images differ in size; only the part of the inspected "
@@ -276,7 +294,7 @@ def _detect_and_write() -> None:
         teacher_info["source"], teacher_info["kind"], teacher_info["sha256"][:12], load_teacher_time,
     )
 
-    student, states, train_time = _student_and_states(variables, teacher_info["sha256"], config)
+    student, states, train_time = _student_and_states(student, variables, teacher_info["sha256"], config)
 
     detection = pipeline.detect(reference, inspected, variables, config, student=student, states=states)
     summary = detection.alignment.summary()

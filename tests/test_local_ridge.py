@@ -204,6 +204,30 @@ def test_invalid_settings_raise(settings, message):
         local_ridge_predict(ref, insp, valid, **arguments)
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(prior="globl"), "prior='globl' is unknown"),
+        (dict(form="dul"), "form='dul' is unknown"),
+        (dict(window=-3), "window must be a positive odd integer"),
+        (dict(local_alpha=-1.0), r"local_alpha must be >= 0; got -1.0 \(on the command line: --student_options"),
+        (dict(alpha=-1.0), r"alpha, the global prior's penalty \(--alpha\), must be >= 0"),
+    ],
+)
+def test_student_rejects_settings_when_built(settings, message):
+    with pytest.raises(ValueError, match=message):
+        LocalRidgeStudent(**settings)
+
+
+def test_student_names_local_alpha_when_singular():
+    ref, insp, valid = _random_maps(10)
+    student = LocalRidgeStudent(window=5, local_alpha=0.0)
+
+    # 24 samples per window against 3 x 3 x 3 = 27 features.
+    with pytest.raises(ValueError, match=r"local_alpha=0 leaves each window's ridge system singular \(24 samples"):
+        student.fit(ref, insp, valid, None)
+
+
 def test_student_fits_under_jit_once_and_checks_shapes():
     ref, insp, valid = _random_maps(9)
     student = LocalRidgeStudent(window=5)

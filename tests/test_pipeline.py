@@ -158,3 +158,24 @@ def test_runner_writes_every_output(shared_dir, tmp_path):
 
     assert second.returncode != 0
     assert "--overwrite" in second.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--student=local_ridge", "--student_options=window"], "--student_options entries must be key=value; got 'window'"),
+        (["--student=local_ridge", "--student_options=local_alpha=-1"], "local_alpha must be >= 0; got -1.0"),
+        (["--student=mean_shift"], "--student must be one of local_ridge, mlp, ridge"),
+    ],
+)
+def test_runner_rejects_student_settings_before_loading(shared_dir, tmp_path, flags, message):
+    output_dir = tmp_path / "out"
+
+    result = _run_case3(output_dir, *flags)
+
+    assert result.returncode != 0
+    assert message in result.stderr
+    # Rejected before the images load, and without printing the flag help.
+    assert "load: reference" not in result.stderr
+    assert "Student-specific settings as key=value" not in result.stderr
+    assert not output_dir.exists()

@@ -160,11 +160,13 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         else:
             array = iio.imread(path)
     except Exception as error:  # Decoders raise many unrelated types.
-        # imageio's message goes on to list plugins to install, which misleads
-        # when the file is simply not an image, so only its first line is kept.
+        # For a file that no decoder recognises, imageio lists plugins to
+        # install, which misleads when the file is simply not an image. So
+        # that case gets no detail, and other errors only their first line.
         reason = str(error).splitlines()[0] if str(error) else ""
+        detail = "" if "Could not find a backend" in reason else f" ({type(error).__name__}: {reason})"
         raise ImageError(
-            f"{path}: cannot read the file as an image ({type(error).__name__}: {reason}). "
+            f"{path}: cannot read the file as an image{detail}. "
             "Check that the file is an image, and use an 8- or 16-bit TIFF, a PNG or a JPEG."
         ) from error
     return validate_image(to_grayscale_float(array, path), path)

@@ -83,7 +83,7 @@ def _save_overlay(path: str, inspected: np.ndarray, detection: Detection) -> Non
         )
     invalid = np.ma.masked_where(detection.valid, np.ones(inspected.shape))
     axis.imshow(invalid, cmap="Blues", alpha=0.25, vmin=0, vmax=1)
-    axis.set_title(f"{len(detection.blobs)} blob(s); shaded: outside the aligned overlap")
+    axis.set_title(f"{len(detection.blobs)} blob(s); shaded: not compared")
     axis.set_axis_off()
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)

@@ -724,6 +724,19 @@ def _check_window(
     patch_size: int, window: int, leave_out: int, alpha: float, prior_alpha: float | None, components: int, channels: int
 ) -> None:
     """Raise ValueError for window settings that cannot be fitted."""
+    _check_geometry(patch_size, window, leave_out)
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0; got {alpha!r}.")
+    if prior_alpha is not None and not prior_alpha >= 0:
+        raise ValueError(f"prior_alpha must be >= 0 or None; got {prior_alpha!r}.")
+    if not isinstance(components, int) or not 0 <= components <= channels:
+        raise ValueError(
+            f"components must be an integer in [0, {channels}] (the channel count; 0 disables PCA); got {components!r}."
+        )
+
+
+def _check_geometry(patch_size: int, window: int, leave_out: int) -> None:
+    """Raise ValueError for a patch, window or left-out square of invalid size."""
     for name, value in (("patch_size", patch_size), ("window", window)):
         if not isinstance(value, int) or value < 1 or value % 2 == 0:
             raise ValueError(f"{name} must be a positive odd integer; got {value!r}.")
@@ -732,14 +745,6 @@ def _check_window(
     if leave_out >= window:
         raise ValueError(
             f"leave_out={leave_out} leaves no sample of a {window}x{window} window; use a window larger than leave_out."
-        )
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0; got {alpha!r}.")
-    if prior_alpha is not None and not prior_alpha >= 0:
-        raise ValueError(f"prior_alpha must be >= 0 or None; got {prior_alpha!r}.")
-    if not isinstance(components, int) or not 0 <= components <= channels:
-        raise ValueError(
-            f"components must be an integer in [0, {channels}] (the channel count; 0 disables PCA); got {components!r}."
         )
 
 
@@ -801,6 +806,38 @@ class LocalRidgeStudent:
     name: str = "local_ridge"
     transductive: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        # Checked when the student is built, so that a command-line run
+        # rejects bad --student_options before it loads images and weights.
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior={self.prior!r} is unknown; use one of {PRIORS}.")
+        if self.form not in FORMS:
+            raise ValueError(f"form={self.form!r} is unknown; use one of {FORMS}.")
+        _check_geometry(self.patch_size, self.window, self.leave_out)
+        if not self.local_alpha >= 0:
+            raise ValueError(
+                f"local_alpha must be >= 0; got {self.local_alpha!r} (on the command line: "
+                "--student_options=local_alpha=100, the default)."
+            )
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha, the global prior's penalty (--alpha), must be >= 0; got {self.alpha!r}.")
+        if not isinstance(self.components, int) or self.components < 0:
+            raise ValueError(f"components must be a non-negative integer (0 disables PCA); got {self.components!r}.")
+
+    def _check_local_alpha(self, channels: int) -> None:
+        # local_ridge_predict would reject local_alpha = 0 too, but naming
+        # its own argument, alpha, which on the command line is another flag.
+        if self.local_alpha != 0:
+            return
+        samples = len(_fit_samples(self.window, self.leave_out)[0])
+        dim = self.patch_size * self.patch_size * (self.components or channels)
+        if samples <= dim or self.form == "dual":
+            raise ValueError(
+                f"local_alpha=0 leaves each window's ridge system singular ({samples} samples per window, "
+                f"{dim} features, form {self.form!r}); set local_alpha > 0 (on the command line: "
+                "--student_options=local_alpha=100, the default)."
+            )
+
     def fit(self, ref: ArrayLike, insp: ArrayLike, valid: ArrayLike, key: jax.Array) -> LocalRidgeState:
         """Fit every pixel on its window and store its prediction.
 
@@ -814,12 +851,11 @@ class LocalRidgeStudent:
           The ``LocalRidgeState``.
 
         Raises:
-          ValueError: for an unknown ``prior`` or the cases listed by
-            ``local_ridge_predict``.
+          ValueError: for ``local_alpha = 0`` where each window's system is
+            singular, or the cases listed by ``local_ridge_predict``.
         """
         del key
-        if self.prior not in PRIORS:
-            raise ValueError(f"prior={self.prior!r} is unknown; use one of {PRIORS}.")
+        self._check_local_alpha(jnp.shape(ref)[-1])
         prediction = local_ridge_predict(
             ref,
             insp,
