@@ -111,7 +111,26 @@ def test_jax_aligner_matches_align_pair_on_padded_canvas(case2_pair):
 
     result = batch.align_stage(pairs.references, pairs.inspected, pairs.sizes, exact=False)
 
-    height, width = inspected.shape
+    _assert_first_pair_matches(result, expected, inspected.shape)
+    # An image aligned onto itself has shift 0 and correlation 1.
+    np.testing.assert_allclose(np.asarray(result.shift[1]), (0.0, 0.0), atol=1e-6)
+    np.testing.assert_allclose(float(result.correlation[1]), 1.0, atol=1e-5)
+
+
+def test_jax_aligner_matches_align_pair_when_filling_canvas(case2_pair):
+    # 352 x 480 px fills its bucket, so the plain-FFT path (exact=True) runs.
+    reference, inspected = (image[:352] for image in case2_pair)
+    expected = align.align_pair(reference, inspected)
+    pairs = batch.prepare_batch([reference], [inspected], batch.bucket_shape(inspected.shape))
+
+    result = batch.align_stage(pairs.references, pairs.inspected, pairs.sizes, exact=True)
+
+    _assert_first_pair_matches(result, expected, inspected.shape)
+
+
+def _assert_first_pair_matches(result, expected, shape):
+    """Check the batch's first pair against ``align.align_pair``'s ``expected``."""
+    height, width = shape
     assert ESTIMATOR_NAMES[int(result.estimator[0])] == expected.estimator
     # Both report shifts on the 1/20 px grid; float32 rounding is ~1e-6 px.
     np.testing.assert_allclose(np.asarray(result.shift[0]), expected.shift, atol=1e-5)
@@ -125,9 +144,6 @@ def test_jax_aligner_matches_align_pair_on_padded_canvas(case2_pair):
     np.testing.assert_allclose(
         np.asarray(result.aligned_reference[0])[:height, :width], expected.aligned_reference, atol=1e-5
     )
-    # An image aligned onto itself has shift 0 and correlation 1.
-    np.testing.assert_allclose(np.asarray(result.shift[1]), (0.0, 0.0), atol=1e-6)
-    np.testing.assert_allclose(float(result.correlation[1]), 1.0, atol=1e-5)
 
 
 def test_moments_solve_matches_ridge_fit():
