@@ -234,8 +234,8 @@ def _batch_rows(config: BenchConfig, variables, detection_config: DetectionConfi
     side = config.batch_image_size
     pool = [line_pair(side, seed) for seed in range(max(config.batches))]
     # The reference runs first, before any XLA work, and takes the fastest of
-    # at least 5 repeats: measured after the JAX rows with 3 repeats, its
-    # time per pair varied from 686 to 842 ms between runs while the JAX
+    # at least 5 repeats. Measured after the JAX rows with 3 repeats, its
+    # time per pair varied from 686 to 842 ms between runs, while the JAX
     # pipeline's varied by 3%.
     reference, inspected = pool[0]
     numpy_row = _measure(
