@@ -276,7 +276,8 @@ def test_block_rows_follow_the_budget():
     assert layout.band * band_bytes + solver_bytes <= 256 * 2**20
     assert (layout.band + 1) * band_bytes + solver_bytes > 256 * 2**20
     narrow = local_ridge_module.block_rows("dual", 48, 7, 576, 64, True, 60, 1, 256.0)
-    assert narrow.solver == 4 and narrow.band % narrow.solver == 0
+    assert narrow.solver == 4
+    assert narrow.band % narrow.solver == 0
     # Primal: the d x d systems set the rows, and a band is one solver call.
     primal = local_ridge_module.block_rows("primal", 48, 7, 576, 64, True, 1024, 1, 256.0)
     per_pixel = local_ridge_module._solver_bytes("primal", 48, 7, 576)

@@ -55,7 +55,7 @@ from tsjax.moments import RidgeMoments, is_rectangle, patch_moments, solve_momen
 from tsjax.pipeline import Detection, _warn_if_underdetermined, align_and_mask, match_reference_shape, segment, valid_mask
 from tsjax.score import defect_probability
 from tsjax.students import RidgeStudent, Student, make_student
-from tsjax.teacher import LAYER_STRIDES, ResNet18, pooled_stem
+from tsjax.teacher import LAYER_STRIDES, gray_features
 
 __all__ = [
     "DEFAULT_BUCKET_MULTIPLE",
@@ -292,10 +292,7 @@ def teacher_stage(
         images = gaussian_filter_reflect(jnp.stack([reference, target]), extents, denoise_sigma)
         with_stem = "stem" in layers
         if filled:
-            if with_stem:
-                features = ResNet18(last_layer=last_layer).apply(variables, images)
-            else:
-                features = ResNet18(last_layer=last_layer, from_stem=True).apply(variables, pooled_stem(variables, images))
+            features = gray_features(variables, images, last_layer, with_stem=with_stem)
             return {layer: features[layer] for layer in layers}
         features = canvas_features(variables, images, extents, last_layer, with_stem)
         return {layer: replicate_edges(features[layer], extents, LAYER_STRIDES[layer]) for layer in layers}

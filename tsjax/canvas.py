@@ -34,7 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from tsjax.score import gaussian_smooth
-from tsjax.teacher import LAYER_STRIDES, ResNet18, pooled_stem
+from tsjax.teacher import LAYER_STRIDES, gray_features
 
 __all__ = [
     "CANVAS_MULTIPLE",
@@ -119,12 +119,8 @@ def extent_mask(extents: ArrayLike, shape: tuple[int, int], stride: int) -> jax.
     Returns:
       ``[N, h, w]`` bool.
     """
-    row_start, row_stop, col_start, col_stop = index_ranges(extents, stride)
-    rows = jnp.arange(shape[0])
-    cols = jnp.arange(shape[1])
-    row_in = (rows >= row_start[:, None]) & (rows < row_stop[:, None])
-    col_in = (cols >= col_start[:, None]) & (cols < col_stop[:, None])
-    return row_in[:, :, None] & col_in[:, None, :]
+    rows_inside, cols_inside = _inside(extents, stride, shape)
+    return rows_inside[:, :, None] & cols_inside[:, None, :]
 
 
 def replicate_edges(maps: ArrayLike, extents: ArrayLike, stride: int) -> jax.Array:
@@ -202,25 +198,26 @@ def canvas_features(
         return outputs
 
     # The grayscale input form zeroes the image outside its extent itself
-    # (``tsjax.teacher.GrayStem``); its 3-D input is never intercepted.
-    inside = _inside(extents, 1, (canvas_height, canvas_width), images.dtype)
+    # (``tsjax.teacher.GrayStem`` and ``pooled_stem``), so its 3-D input
+    # needs no interception.
+    inside = tuple(value.astype(images.dtype) for value in _inside(extents, 1, (canvas_height, canvas_width)))
+    stem_shape = (-(-canvas_height // 2), -(-canvas_width // 2))
+    stem_inside = tuple(value.astype(images.dtype) for value in _inside(extents, 2, stem_shape))
     with nn.intercept_methods(interceptor):
-        if with_stem or last_layer == "stem":
-            return ResNet18(last_layer=last_layer).apply(variables, images, inside)
-        stem_inside = _inside(extents, 2, (-(-canvas_height // 2), -(-canvas_width // 2)), images.dtype)
-        pooled = pooled_stem(variables, images, inside, stem_inside)
-        return ResNet18(last_layer=last_layer, from_stem=True).apply(variables, pooled)
+        return gray_features(
+            variables, images, last_layer, with_stem=with_stem, inside=inside, stem_inside=stem_inside
+        )
 
 
-def _inside(extents: jax.Array, stride: int, shape: tuple[int, int], dtype) -> tuple[jax.Array, jax.Array]:
-    # Row and column 0/1 indicators, [N, h] and [N, w], of the grid
+def _inside(extents: ArrayLike, stride: int, shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    # Bool row and column indicators, [N, h] and [N, w], of the grid
     # positions that show the image (extent_mask is their outer product).
     row_start, row_stop, col_start, col_stop = index_ranges(extents, stride)
     rows = jnp.arange(shape[0])
     cols = jnp.arange(shape[1])
     rows_inside = (rows >= row_start[:, None]) & (rows < row_stop[:, None])
     cols_inside = (cols >= col_start[:, None]) & (cols < col_stop[:, None])
-    return rows_inside.astype(dtype), cols_inside.astype(dtype)
+    return rows_inside, cols_inside
 
 
 def _reflect_index(index: jax.Array, start: jax.Array, stop: jax.Array) -> jax.Array:

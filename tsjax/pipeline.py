@@ -25,7 +25,7 @@ from tsjax.config import DetectionConfig
 from tsjax.postprocess import Threshold, choose_threshold, clean_mask, find_blobs
 from tsjax.score import defect_probability, gaussian_smooth, upsample_to_image
 from tsjax.students import Student, is_transductive, make_student
-from tsjax.teacher import LAYER_STRIDES, ResNet18, pooled_stem
+from tsjax.teacher import LAYER_STRIDES, gray_features
 
 __all__ = [
     "Detection",
@@ -169,10 +169,7 @@ def extract_features(
     Returns:
       Feature maps keyed by layer name up to ``last_layer``, ``[B, h, w, C]``.
     """
-    images = jnp.asarray(images, jnp.float32)
-    if with_stem or last_layer == "stem":
-        return ResNet18(last_layer=last_layer).apply(variables, images)
-    return ResNet18(last_layer=last_layer, from_stem=True).apply(variables, pooled_stem(variables, images))
+    return gray_features(variables, jnp.asarray(images, jnp.float32), last_layer, with_stem=with_stem)
 
 
 def feature_valid(valid: np.ndarray, layer: str, feature_shape: tuple[int, int]) -> np.ndarray:

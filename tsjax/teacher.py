@@ -41,6 +41,7 @@ __all__ = [
     "ResNet18",
     "GrayStem",
     "pooled_stem",
+    "gray_features",
     "preprocess",
     "torchvision_key_map",
     "load_pretrained",
@@ -261,6 +262,35 @@ def pooled_stem(
     return pooled[:, :out_height]
 
 
+def gray_features(
+    variables: Mapping,
+    gray: jax.Array,
+    last_layer: str,
+    *,
+    with_stem: bool = True,
+    inside: tuple[jax.Array, jax.Array] | None = None,
+    stem_inside: tuple[jax.Array, jax.Array] | None = None,
+) -> dict[str, jax.Array]:
+    """Run the teacher on ``[B, H, W]`` grayscale images in [0, 1].
+
+    Args:
+      variables: Teacher variables.
+      gray: ``[B, H, W]`` grayscale images.
+      last_layer: Deepest layer to compute.
+      with_stem: Also return ``'stem'``. Without it the stem is computed
+        band by band (``pooled_stem``), which is faster.
+      inside, stem_inside: Optional row and column indicators of the image
+        on a canvas, as for ``pooled_stem``.
+
+    Returns:
+      Feature maps keyed by layer name up to ``last_layer``, ``[B, h, w, C]``.
+    """
+    if with_stem or last_layer == "stem":
+        return ResNet18(last_layer=last_layer).apply(variables, gray, inside)
+    pooled = pooled_stem(variables, gray, inside, stem_inside)
+    return ResNet18(last_layer=last_layer, from_stem=True).apply(variables, pooled)
+
+
 class ResNet18(nn.Module):
     """ResNet-18 feature extractor up to ``last_layer``.
 
@@ -275,7 +305,7 @@ class ResNet18(nn.Module):
         or ``[B, H, W]`` grayscale in [0, 1], which gives the same features
         faster (``GrayStem``).
       inside: With grayscale ``x`` only, optional ``([B, H], [B, W])`` 0/1
-        row and column indicators of the image on a larger canvas; the
+        row and column indicators of the image on a larger canvas. The
         teacher then treats every pixel outside as zero padding. By default
         the whole of ``x`` is the image.
 
