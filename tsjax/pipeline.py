@@ -157,17 +157,9 @@ def segment(defect_map: np.ndarray, valid: np.ndarray, config: DetectionConfig) 
 def extract_features(
     variables: Mapping, images: jax.Array, last_layer: str, with_stem: bool = True
 ) -> dict[str, jax.Array]:
-    """Run the teacher on ``[B, H, W]`` grayscale images in [0, 1].
+    """Run the teacher on ``[B, H, W]`` grayscale images in [0, 1], compiled.
 
-    Args:
-      variables: Teacher variables.
-      images: ``[B, H, W]`` grayscale images.
-      last_layer: Deepest layer to compute.
-      with_stem: Also return ``'stem'``. Without it the stem is computed
-        band by band (``tsjax.teacher.pooled_stem``), which is faster.
-
-    Returns:
-      Feature maps keyed by layer name up to ``last_layer``, ``[B, h, w, C]``.
+    The arguments and the result are ``tsjax.teacher.gray_features``'s.
     """
     return gray_features(variables, jnp.asarray(images, jnp.float32), last_layer, with_stem=with_stem)
 
