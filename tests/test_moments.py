@@ -1,4 +1,4 @@
-"""Tests for the rectangle shortcut of the ridge moments (tsjax.moments)."""
+"""Tests for the ridge moments and their rectangle shortcut (tsjax.moments)."""
 
 import jax
 import numpy as np
@@ -11,6 +11,10 @@ _rectangle_moments = jax.jit(
     lambda ref, insp, weight, patch_size, margin: patch_moments(
         ref, insp, weight, patch_size, reference_margin=margin, rectangle=True
     ),
+    static_argnums=(3, 4),
+)
+_general_moments = jax.jit(
+    lambda ref, insp, weight, patch_size, margin: patch_moments(ref, insp, weight, patch_size, reference_margin=margin),
     static_argnums=(3, 4),
 )
 
@@ -26,19 +30,24 @@ _RECTANGLES = [
 ]
 
 
-def _float64_scatter(ref: np.ndarray, weight: np.ndarray, patch_size: int, margin: int) -> np.ndarray:
-    """``sum_p w_p (x_p - mean)(x_p - mean)^T`` with patches gathered pixel by pixel."""
+def _float64_inputs(ref: np.ndarray, weight: np.ndarray, patch_size: int, margin: int) -> np.ndarray:
+    """The ``[h * w, k * k * C]`` patches, gathered pixel by pixel in float64."""
     radius = patch_size // 2
     framed = ref if margin else np.pad(ref, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
     framed = framed.astype(np.float64)
     height, width = weight.shape
-    inputs = np.stack(
+    return np.stack(
         [
             np.concatenate([framed[y + i, x + j] for i in range(patch_size) for j in range(patch_size)])
             for y in range(height)
             for x in range(width)
         ]
     )
+
+
+def _float64_scatter(ref: np.ndarray, weight: np.ndarray, patch_size: int, margin: int) -> np.ndarray:
+    """``sum_p w_p (x_p - mean)(x_p - mean)^T`` with patches gathered pixel by pixel."""
+    inputs = _float64_inputs(ref, weight, patch_size, margin)
     samples = weight.reshape(-1).astype(np.float64)
     mean = samples @ inputs / max(samples.sum(), 1.0)
     centred = inputs - mean
@@ -85,3 +94,42 @@ def test_is_rectangle_rejects_other_shapes(holes):
     else:
         mask[1, 3, 3] = False
     assert not is_rectangle(mask)
+
+
+@pytest.mark.parametrize("patch_size", [1, 3, 5])
+@pytest.mark.parametrize("margin", [False, True])
+@pytest.mark.parametrize("rectangle", [False, True])
+def test_moments_match_float64_definition(patch_size, margin, rectangle):
+    # Every field, with fractional weights on the general path and a 0/1
+    # rectangle on the shortcut, against the weighted sums written out.
+    rng = np.random.default_rng(3 * patch_size + margin + 7 * rectangle)
+    reach = patch_size // 2 if margin else 0
+    ref = (rng.normal(size=(_SHAPE[0] + 2 * reach, _SHAPE[1] + 2 * reach, _SHAPE[2])) + 1.5).astype(np.float32)
+    insp = (rng.normal(size=(*_SHAPE[:2], 4)) - 2.0).astype(np.float32)
+    if rectangle:
+        weight = np.zeros(_SHAPE[:2], np.float32)
+        weight[2:10, 1:9] = 1.0
+    else:
+        weight = rng.uniform(0.0, 2.0, size=_SHAPE[:2]).astype(np.float32)
+        weight[rng.random(_SHAPE[:2]) < 0.3] = 0.0
+
+    moments = (_rectangle_moments if rectangle else _general_moments)(ref, insp, weight, patch_size, reach)
+
+    inputs = _float64_inputs(ref, weight, patch_size, reach)
+    targets = insp.reshape(-1, insp.shape[-1]).astype(np.float64)
+    samples = weight.reshape(-1).astype(np.float64)
+    count = samples.sum()
+    input_mean = samples @ inputs / count
+    target_mean = samples @ targets / count
+    centred_inputs, centred_targets = inputs - input_mean, targets - target_mean
+    expected = {
+        "count": count,
+        "input_mean": input_mean,
+        "target_mean": target_mean,
+        "input_scatter": (samples[:, None] * centred_inputs).T @ centred_inputs,
+        "cross_scatter": (samples[:, None] * centred_inputs).T @ centred_targets,
+        "target_energy": samples @ (centred_targets**2).sum(axis=1),
+    }
+    for field, value in expected.items():
+        scale = max(np.abs(value).max(), 1e-3)
+        np.testing.assert_allclose(getattr(moments, field), value, atol=1e-5 * scale, err_msg=field)
