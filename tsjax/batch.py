@@ -3,9 +3,9 @@
 ``detect_batch`` runs ``tsjax.pipeline.detect`` on many pairs at once. Each
 JAX stage (alignment, teacher, student fit, scoring) is one jitted call over
 a batch of ``B`` pairs that vmaps the per-pair computation. On CPU it does
-so in steps of ``_CPU_PAIRS_PER_STEP`` pairs (the teacher in steps of
-``_CPU_TEACHER_PAIRS_PER_STEP``), and the alignment and the ridge solves
-loop over single pairs. Pairs are padded to a *bucket* shape, the image size rounded up
+so in steps of ``_CPU_PAIRS_PER_STEP`` pairs (the teacher and the ridge
+moments in smaller steps), and the alignment and the ridge solves loop over
+single pairs. Pairs are padded to a *bucket* shape, the image size rounded up
 to a multiple of ``bucket_multiple`` px, and each stage knows every pair's
 true size (``tsjax.canvas``), so a stream of pairs whose sizes share a
 bucket reuses the compiled stages. The NumPy steps of ``detect`` (the valid
@@ -91,9 +91,13 @@ _TRACES: collections.Counter = collections.Counter()
 
 # On CPU the per-pair stages vmap over at most this many pairs at a time
 # and loop over such steps. Larger steps outgrow the caches: the teacher's
-# time per 480 px pair doubled at 16 pairs. For the ridge fit at B = 16,
-# steps of 1, 2 and 4 pairs took 97, 92 and 90 ms per pair.
+# time per 480 px pair doubled at 16 pairs.
 _CPU_PAIRS_PER_STEP = 4
+
+# The ridge moments take steps of 2 pairs: at B = 16, steps of 1, 2, 4 and
+# 8 pairs took 78 to 80, 72 to 74, 77 to 79 and 80 to 83 ms per 480 px pair
+# for the whole fit, in two interleaved runs.
+_CPU_MOMENTS_PAIRS_PER_STEP = 2
 
 # The teacher's step is smaller: its intermediates (each layer1 map of a
 # 480 px image is 3.7 MB) are allocated afresh in every call, and fewer
@@ -433,6 +437,7 @@ def fit_stage(
             moments = _map_pairs(
                 lambda pair, mask: _pair_moments(pair, mask, layers, student.patch_size, rectangles=rectangles),
                 (features, valid),
+                _CPU_MOMENTS_PAIRS_PER_STEP,
             )
             # The Cholesky solves run one pair after the other: vmapped, the
             # batched factorisation measured several times slower on CPU.
