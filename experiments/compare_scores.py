@@ -16,7 +16,6 @@ import json
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from tsjax.patches import extract_patches
 from tsjax.students.ridge import RidgeState
 
 __all__ = ["RidgeMoments", "is_rectangle", "patch_moments", "target_moments", "merge_moments", "solve_moments"]
