@@ -269,6 +269,17 @@ def test_detect_batch_rejects_unknown_aligner(teacher_variables):
         batch.detect_batch([], [], teacher_variables, aligner="scipy")
 
 
+def test_detect_batch_rejects_unscaled_grey_levels(case2_pair, teacher_variables):
+    # 8-bit grey levels passed without scaling would give wrong maps.
+    reference, inspected = case2_pair
+    unscaled = np.round(inspected * 255).astype(np.uint8)
+
+    with pytest.raises(io.ImageError, match="inspected 0: expected float grey levels in \\[0, 1\\]; got dtype uint8"):
+        batch.detect_batch([reference], [unscaled], teacher_variables)
+    with pytest.raises(io.ImageError, match="inspected 0: grey levels must lie in \\[0, 1\\]"):
+        batch.detect_batch([reference], [unscaled.astype(np.float32)], teacher_variables)
+
+
 def test_map_pairs_steps_through_large_batches():
     values = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
     pairs = (values, {"scale": jnp.arange(8, dtype=jnp.float32)})

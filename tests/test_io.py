@@ -205,6 +205,23 @@ def test_validate_rejects_non_finite():
         io.validate_image(image, "inspected")
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int64])
+def test_validate_rejects_integer_grey_levels(dtype):
+    # 0 to 255 read as they are would be far outside the teacher's input range.
+    image = _ramp(dtype, 255)
+
+    with pytest.raises(io.ImageError, match=f"reference: expected float grey levels in \\[0, 1\\]; got dtype {np.dtype(dtype)}"):
+        io.validate_image(image, "reference")
+
+
+@pytest.mark.parametrize("low, high", [(0.0, 255.0), (-0.25, 0.5)])
+def test_validate_rejects_floats_outside_unit_range(low, high):
+    image = np.linspace(low, high, SHAPE[0] * SHAPE[1], dtype=np.float32).reshape(SHAPE)
+
+    with pytest.raises(io.ImageError, match=r"inspected: grey levels must lie in \[0, 1\]; got \[.*Divide 8-bit values by 255"):
+        io.validate_image(image, "inspected")
+
+
 def test_load_rejects_constant(tmp_path):
     path = tmp_path / "flat.png"
     iio.imwrite(path, np.full(SHAPE, 128, np.uint8))

@@ -187,8 +187,8 @@ def prepare_batch(
     sizes = np.zeros((count, 2), np.int32)
     covered = []
     for index, (reference, target) in enumerate(zip(references, inspected)):
-        reference = io.validate_image(np.asarray(reference, np.float32), f"reference {index}")
-        target = io.validate_image(np.asarray(target, np.float32), f"inspected {index}")
+        reference = io.validate_image(np.asarray(reference), f"reference {index}").astype(np.float32)
+        target = io.validate_image(np.asarray(target), f"inspected {index}").astype(np.float32)
         height, width = target.shape
         if height > bucket[0] or width > bucket[1]:
             raise ValueError(f"inspected image {index} is {target.shape} px, larger than the bucket {bucket}.")

@@ -97,18 +97,27 @@ def validate_image(image: np.ndarray, name: str = "image") -> np.ndarray:
     """Check that a grayscale float image can go through the pipeline.
 
     Args:
-      image: ``[H, W]`` float32 in [0, 1].
+      image: ``[H, W]`` float in [0, 1].
       name: What to call the image in error messages.
 
     Returns:
       The same image.
 
     Raises:
-      ImageError: if a side is shorter than ``MIN_SIDE``, a value is NaN or
-        inf, or the image is constant.
+      ImageError: if the image is not a float array, a side is shorter than
+        ``MIN_SIDE``, a value is NaN, inf or outside [0, 1], or the image is
+        constant.
     """
     if image.ndim != 2:
         raise ImageError(f"{name}: expected a 2-D image; got shape {image.shape}.")
+    if not np.issubdtype(image.dtype, np.floating):
+        # Integer grey levels taken as they are would be 0 to 255 or 65535,
+        # far from the [0, 1] range that the teacher's normalisation expects.
+        raise ImageError(
+            f"{name}: expected float grey levels in [0, 1]; got dtype {image.dtype}. "
+            "Convert with tsjax.io.to_grayscale_float (it scales uint8 and uint16 by their range) "
+            "or read the file with tsjax.load_image."
+        )
     height, width = image.shape
     if min(height, width) < MIN_SIDE:
         raise ImageError(
@@ -121,7 +130,13 @@ def validate_image(image: np.ndarray, name: str = "image") -> np.ndarray:
             f"{name}: contains {int((~finite).sum())} NaN or inf value(s); "
             "replace them before detection."
         )
-    spread = float(image.max() - image.min())
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:
+        raise ImageError(
+            f"{name}: grey levels must lie in [0, 1]; got [{low:.4g}, {high:.4g}]. "
+            "Divide 8-bit values by 255 and 16-bit values by 65535, or use tsjax.io.to_grayscale_float."
+        )
+    spread = high - low
     if spread == 0.0:
         raise ImageError(
             f"{name}: image is constant (every pixel is {float(image.flat[0]):.4g}); "

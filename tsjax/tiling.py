@@ -344,8 +344,8 @@ def detect_tiled(
         raise ValueError(f"student {student.name!r} only predicts the pair it was fitted on; it cannot run on tiles.")
     if tile_batch < 1:
         raise ValueError(f"tile_batch must be >= 1; got {tile_batch}.")
-    inspected = io.validate_image(np.asarray(inspected, np.float32), "inspected")
-    reference = io.validate_image(np.asarray(reference, np.float32), "reference")
+    inspected = io.validate_image(np.asarray(inspected), "inspected").astype(np.float32)
+    reference = io.validate_image(np.asarray(reference), "reference").astype(np.float32)
     plan = plan_tiles(inspected.shape, config, tile_size, halo)
     devices = 1 if mesh is None else mesh.size
     # A batch gets no more filling copies than the mesh needs.
