@@ -6,8 +6,9 @@ Every row runs on synthetic line-pattern pairs: a reference and a shifted,
 noisier copy of it, rendered exactly rather than interpolated. A row
 reports pairs per second, megapixels of inspected image per second,
 per-stage time, compilation time (first call minus the fastest repeat)
-and the peak resident memory of the process. Rows run in increasing size, so the peak
-after a row is that row's peak. In the same process and on the same pairs,
+and the peak resident memory of the process so far. That peak never
+decreases, so a row shows at least the peak of every row before it. In
+the same process and on the same pairs,
 ``experiments.numpy_reference`` runs the pipeline in NumPy/SciPy, and the
 ratio of pairs per second is reported.
 
@@ -20,7 +21,7 @@ ratio of pairs per second is reported.
   pair, compared pixel by pixel.
 * ``--defect_size``: a tiled pair with one 3 x 3 px bright defect, which
   must come out as a blob at its location.
-* ``--memory_size``: a 16-bit pair written to TIFF, loaded with
+* ``--memory_sizes``: a 16-bit pair written to TIFF, loaded with
   ``tsjax.io.load_image`` and detected tile by tile, each size in a fresh
   process so that its peak resident memory is its own.
 
@@ -437,6 +438,30 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
 
 
+def _command(config: dict) -> str:
+    """Return the command line of a run: the weights and every flag that differs from its default."""
+    parts = ["python -m experiments.bench"]
+    for name, value in config.items():
+        if name not in FLAGS:
+            continue
+        default = FLAGS[name].default
+        if isinstance(value, (list, tuple)):
+            text, default_text = ",".join(map(str, value)), ",".join(map(str, default or []))
+        else:
+            text, default_text = str(value), str(default)
+        if name == "teacher_weights" or text != default_text:
+            parts.append(f"--{name}={text}")
+    return " ".join(parts)
+
+
+def _load_remark(load: float, cores: int) -> str:
+    # A load average above the core count means other processes competed
+    # for the cores during the run.
+    if load > cores:
+        return " (above the core count: other processes shared the machine)."
+    return "."
+
+
 def _markdown(results: dict) -> str:
     machine = results["machine"]
     lines = [
@@ -445,11 +470,10 @@ def _markdown(results: dict) -> str:
         f"Measured by `python -m experiments.bench` on {machine['cpu']} ({machine['cores']} cores, "
         f"{machine['memory_gb']} GB), device `{machine['device_kind']}` ({machine['platform']}, "
         f"{machine['device_count']} device(s)), JAX {machine['jax']}, NumPy {machine['numpy']}. "
-        f"Load average before and after: {results['load_before'][0]:.1f} and {machine['load_average'][0]:.1f} "
-        "(other processes shared the machine when it was above the core count).",
+        f"Load average before and after: {results['load_before'][0]:.1f} and {machine['load_average'][0]:.1f}"
+        + _load_remark(max(results["load_before"][0], machine["load_average"][0]), machine["cores"]),
         "",
-        "Run: `python -m experiments.bench --teacher_weights=../shared/weights/resnet18_imagenet_bnfolded "
-        f"--memory_sizes={','.join(str(size) for size in results['config']['memory_sizes'])}`. "
+        f"Run: `{_command(results['config'])}`. "
         "The NumPy/SciPy reference is `experiments/numpy_reference.py`: im2col convolutions and the ridge "
         "normal equations on BLAS, the same alignment and thresholding code. docs/scaling.md explains the "
         "design and why the CPU rows look as they do.",
@@ -457,7 +481,8 @@ def _markdown(results: dict) -> str:
         "Stage columns are milliseconds per pair in the steady state, the fastest of the repeats (a batch's "
         "stage time divided by its pairs). Compile is the first call's time minus the steady-state time, for the "
         "whole batch. Peak RSS is the "
-        "process's resident memory after the row; rows run in increasing size. Mpx/s counts inspected-image pixels.",
+        "process's peak resident memory up to the end of the row, so a row shows at least the peak of the rows "
+        "before it. Mpx/s counts inspected-image pixels.",
         "",
     ]
     batch_rows = results["batch_rows"]

@@ -280,6 +280,12 @@ def test_detect_batch_rejects_unscaled_grey_levels(case2_pair, teacher_variables
         batch.detect_batch([reference], [unscaled.astype(np.float32)], teacher_variables)
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])
+def test_detect_batch_rejects_invalid_batch_size(batch_size, manhattan):
+    with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1 or None; got {batch_size!r}"):
+        batch.detect_batch([manhattan], [manhattan], {}, batch_size=batch_size)
+
+
 def test_map_pairs_steps_through_large_batches():
     values = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
     pairs = (values, {"scale": jnp.arange(8, dtype=jnp.float32)})

@@ -815,8 +815,10 @@ def detect_batch(
         raise ValueError(
             f"got {len(references)} reference(s) and {len(inspected)} inspected image(s); give one reference per pair."
         )
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 or None; got {batch_size}.")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}.")
     if student is None:
         student = make_student("ridge", patch_size=config.patch_size, alpha=config.alpha)
     devices = 1 if mesh is None else mesh.size
