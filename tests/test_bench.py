@@ -9,10 +9,10 @@ from conftest import require_shared
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
-def test_small_run_writes_tables_and_its_command(tmp_path):
-    # One batch row and one size row of 128 px, in a fresh interpreter
-    # because the script defines absl flags that other scripts define too.
-    # Every flag below differs from its default, so the Run line lists all.
+def test_small_run_writes_tables(tmp_path):
+    # A fresh interpreter, because the script defines absl flags that other
+    # scripts define too. Every flag differs from its default, so the
+    # Markdown's Run line must list them all.
     weights = str(require_shared("weights/resnet18_imagenet_bnfolded"))
     out = tmp_path / "bench.md"
     out.write_text("# Benchmarks\n\n## Pipeline throughput\n\nstale table\n\n## Later section\n\nkept\n")

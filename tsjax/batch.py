@@ -31,7 +31,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,9 +94,9 @@ _TRACES: collections.Counter = collections.Counter()
 # time per 480 px pair doubled at 16 pairs.
 _CPU_PAIRS_PER_STEP = 4
 
-# The ridge moments take steps of 2 pairs: at B = 16, steps of 1, 2, 4 and
-# 8 pairs took 78 to 80, 72 to 74, 77 to 79 and 80 to 83 ms per 480 px pair
-# for the whole fit, in two interleaved runs.
+# The ridge moments take steps of 2 pairs. In two interleaved runs at
+# B = 16, the whole fit took 78 to 80, 72 to 74, 77 to 79 and 80 to 83 ms
+# per 480 px pair with steps of 1, 2, 4 and 8 pairs.
 _CPU_MOMENTS_PAIRS_PER_STEP = 2
 
 # The teacher's step is smaller: its intermediates (each layer1 map of a
@@ -626,7 +626,7 @@ def _align_with_jax(batch: PairBatch, margin: int, mesh: Mesh | None) -> tuple[j
     return result.aligned_reference, records, valids
 
 
-def _map_on_host(function: Callable, items: Sequence) -> list:
+def _map_on_host(function: Callable, items: Iterable) -> list:
     # One thread per item, up to one per core. The SciPy filters behind the
     # valid masks and the thresholding release the GIL, so the threads use
     # every core. On 2 cores and 480 px pairs, the valid masks took 1.9 ms
@@ -740,7 +740,7 @@ def _run_bucket(
     for index in range(real_count):
         height, width = (int(side) for side in batch.sizes[index])
         cropped.append(np.ascontiguousarray(defect_maps[index, :height, :width], np.float32))
-    segmented = _map_on_host(lambda pair: segment(*pair, config), list(zip(cropped, valids[:real_count])))
+    segmented = _map_on_host(lambda pair: segment(*pair, config), zip(cropped, valids[:real_count]))
     detections = []
     for index, (defect_map, (threshold, mask, blobs)) in enumerate(zip(cropped, segmented)):
         height, width = defect_map.shape
