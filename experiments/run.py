@@ -131,11 +131,12 @@ def config_from_flags() -> DetectionConfig:
     )
 
 
-def _run_flags() -> list:
+def run_flags(defining: str = "reference") -> list:
+    """Return the flags of the module that defines the flag ``defining`` (this one by default)."""
     # absl files flags under the defining module's name, which is __main__
-    # under ``python -m``; the module that defines --reference is this one.
+    # under ``python -m``, so the module is found by one of its flags.
     for module_flags in FLAGS.flags_by_module_dict().values():
-        if any(flag.name == "reference" for flag in module_flags):
+        if any(flag.name == defining for flag in module_flags):
             return module_flags
     return []
 
@@ -196,7 +197,7 @@ def _fit_on_training_pairs(student, variables, config: DetectionConfig) -> dict:
     return pipeline.fit_students(student, variables, aligned, targets, valids, config.layers, fit_key)
 
 
-def _student_and_states(
+def student_and_states(
     student: Student | None, variables, teacher_sha256: str, config: DetectionConfig
 ) -> tuple[Student, dict | None, float]:
     """Load the checkpointed student, fit ``student`` on training pairs, or leave fitting to detect."""
@@ -294,7 +295,7 @@ def _detect_and_write() -> None:
         teacher_info["source"], teacher_info["kind"], teacher_info["sha256"][:12], load_teacher_time,
     )
 
-    student, states, train_time = _student_and_states(student, variables, teacher_info["sha256"], config)
+    student, states, train_time = student_and_states(student, variables, teacher_info["sha256"], config)
 
     detection = pipeline.detect(reference, inspected, variables, config, student=student, states=states)
     summary = detection.alignment.summary()
@@ -311,7 +312,7 @@ def _detect_and_write() -> None:
     )
 
     start = time.perf_counter()
-    flag_values = {flag.name: flag.value for flag in _run_flags()}
+    flag_values = {flag.name: flag.value for flag in run_flags()}
     extra = {
         "teacher": teacher_info,
         "student": student.name,

@@ -90,3 +90,17 @@ def test_mask_png_is_8bit_grayscale(tmp_path):
     assert written.shape == (64, 80)
     assert written.dtype == np.uint8
     np.testing.assert_array_equal(written > 0, detection.mask)
+
+
+def test_write_without_figures_removes_old(tmp_path):
+    inspected = np.zeros((64, 80), np.float32)
+    write_detection(str(tmp_path), inspected, _detection(), {})
+    assert (tmp_path / "overlay.png").is_file()
+    assert (tmp_path / "r2_layer1.png").is_file()
+
+    record = write_detection(str(tmp_path), inspected, _detection(), {}, figures=False)
+
+    # The earlier run's figures are removed, so the folder describes this run only.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["defect_map.npy", "detections.json", "mask.png"]
+    assert record["compared_fraction"] == pytest.approx(0.5)
+    np.testing.assert_array_equal(np.load(tmp_path / "defect_map.npy"), _detection().defect_map)

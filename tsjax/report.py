@@ -17,10 +17,12 @@ from skimage import measure  # noqa: E402
 
 from tsjax.pipeline import Detection  # noqa: E402
 
-__all__ = ["OUTPUT_FILES", "check_output_dir", "write_detection"]
+__all__ = ["OUTPUT_FILES", "FIGURE_FILES", "check_output_dir", "write_detection"]
 
 # Files that a run writes besides the per-layer heatmaps ``r2_<layer>.png``.
 OUTPUT_FILES = ("defect_map.png", "defect_map.npy", "mask.png", "overlay.png", "detections.json")
+# The files of OUTPUT_FILES that only write_detection(..., figures=True) draws.
+FIGURE_FILES = ("defect_map.png", "overlay.png")
 
 
 def _layer_heatmaps(output_dir: str) -> list[str]:
@@ -89,38 +91,8 @@ def _save_overlay(path: str, inspected: np.ndarray, detection: Detection) -> Non
     plt.close(figure)
 
 
-def write_detection(
-    output_dir: str,
-    inspected: np.ndarray,
-    detection: Detection,
-    config: Mapping[str, Any],
-    extra: Mapping[str, Any] | None = None,
-) -> dict:
-    """Write the maps, figures and ``detections.json`` of one run.
-
-    Files: ``r2_<layer>.png`` (per-layer ``R^2 = 1 - D``), ``defect_map.png``
-    and ``defect_map.npy`` (``[H, W]`` float32), ``mask.png``, ``overlay.png``
-    (inspected image with numbered blob outlines) and ``detections.json``.
-    Output files of an earlier run that this run does not write (heatmaps of
-    other layers) are removed, so the folder describes one run only; call
-    ``check_output_dir`` first to protect an earlier run.
-
-    Args:
-      output_dir: Output folder, created if missing.
-      inspected: ``[H, W]`` inspected image in [0, 1].
-      detection: The result of ``tsjax.pipeline.detect``.
-      config: Every setting of the run, recorded in the JSON.
-      extra: More JSON-serialisable fields to record (teacher weights,
-        timings of stages outside ``detect``).
-
-    Returns:
-      The dict written to ``detections.json``.
-    """
-    os.makedirs(output_dir, exist_ok=True)
-    written = {os.path.join(output_dir, f"r2_{layer}.png") for layer in detection.layer_maps}
-    for path in _layer_heatmaps(output_dir):
-        if path not in written:
-            os.remove(path)
+def _save_figures(output_dir: str, inspected: np.ndarray, detection: Detection) -> None:
+    """Draw the ``r2_<layer>.png`` heatmaps, ``defect_map.png`` and ``overlay.png``."""
     for layer, layer_map in detection.layer_maps.items():
         _save_heatmap(
             os.path.join(output_dir, f"r2_{layer}.png"),
@@ -138,10 +110,54 @@ def write_detection(
         0.0,
         1.0,
     )
+    _save_overlay(os.path.join(output_dir, "overlay.png"), inspected, detection)
+
+
+def write_detection(
+    output_dir: str,
+    inspected: np.ndarray,
+    detection: Detection,
+    config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+    *,
+    figures: bool = True,
+) -> dict:
+    """Write the maps, figures and ``detections.json`` of one run.
+
+    Files: ``r2_<layer>.png`` (per-layer ``R^2 = 1 - D``), ``defect_map.png``
+    and ``defect_map.npy`` (``[H, W]`` float32), ``mask.png``, ``overlay.png``
+    (inspected image with numbered blob outlines) and ``detections.json``.
+    Output files of an earlier run that this run does not write (heatmaps of
+    other layers, or every figure when ``figures`` is false) are removed, so
+    the folder describes one run only; call ``check_output_dir`` first to
+    protect an earlier run.
+
+    Args:
+      output_dir: Output folder, created if missing.
+      inspected: ``[H, W]`` inspected image in [0, 1].
+      detection: The result of ``tsjax.pipeline.detect``.
+      config: Every setting of the run, recorded in the JSON.
+      extra: More JSON-serialisable fields to record (teacher weights,
+        timings of stages outside ``detect``).
+      figures: Draw the heatmaps and the overlay. For a 480 px pair they
+        took about 0.5 s on 2 CPU cores, twice the pair's detection time in
+        a batch, so runs over many pairs may leave them out and keep
+        ``defect_map.npy``, ``mask.png`` and the JSON.
+
+    Returns:
+      The dict written to ``detections.json``.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    written = {os.path.join(output_dir, f"r2_{layer}.png") for layer in detection.layer_maps} if figures else set()
+    stale = _layer_heatmaps(output_dir) + ([] if figures else [os.path.join(output_dir, name) for name in FIGURE_FILES])
+    for path in stale:
+        if path not in written and os.path.exists(path):
+            os.remove(path)
     np.save(os.path.join(output_dir, "defect_map.npy"), detection.defect_map)
     # An 8-bit grayscale PNG (0 or 255), which image tools read as a mask.
     iio.imwrite(os.path.join(output_dir, "mask.png"), detection.mask.astype(np.uint8) * 255)
-    _save_overlay(os.path.join(output_dir, "overlay.png"), inspected, detection)
+    if figures:
+        _save_figures(output_dir, inspected, detection)
 
     record = {
         "shift": [float(value) for value in detection.alignment.shift],
