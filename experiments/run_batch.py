@@ -105,15 +105,17 @@ def read_pair_list(path: str) -> list[PairEntry]:
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [column.strip() for column in reader.fieldnames or []]
-        missing = [column for column in ("reference", "inspected") if column not in columns]
+        lowered = [column.lower() for column in columns]
+        missing = [column for column in ("reference", "inspected") if column not in lowered]
         if missing:
+            separator = " Columns must be separated by commas." if any(";" in column for column in columns) else ""
             raise ValueError(
                 f"{path}: the header row must name the columns reference and inspected (and optionally "
-                f"name); it lacks {', '.join(missing)}. Found: {', '.join(columns) or 'no header'}."
+                f"name); it lacks {', '.join(missing)}. Found: {', '.join(columns) or 'no header'}.{separator}"
             )
         entries, rows_of = [], {}
         for row_number, row in enumerate(reader, start=2):
-            row = {str(key).strip(): (value or "").strip() for key, value in row.items()}
+            row = {str(key).strip().lower(): (value or "").strip() for key, value in row.items()}
             reference, inspected = row.get("reference", ""), row.get("inspected", "")
             if not reference or not inspected:
                 raise ValueError(f"{path}, row {row_number}: reference and inspected must both be given.")
@@ -130,7 +132,11 @@ def read_pair_list(path: str) -> list[PairEntry]:
                 )
             rows_of[name] = row_number
             entries.append(
-                PairEntry(name, os.path.join(folder, reference), os.path.join(folder, inspected))
+                PairEntry(
+                    name,
+                    os.path.normpath(os.path.join(folder, reference)),
+                    os.path.normpath(os.path.join(folder, inspected)),
+                )
             )
     if not entries:
         raise ValueError(f"{path} lists no pairs; add one row per pair below the header.")
@@ -203,6 +209,14 @@ def _load_pair(entry: PairEntry) -> tuple[np.ndarray, np.ndarray]:
     reference = io.load_image(entry.reference)
     inspected = io.load_image(entry.inspected)
     io.check_pair_sizes(reference.shape, inspected.shape)
+    if reference.shape != inspected.shape:
+        logging.warning(
+            "pair %s: the reference %s and inspected %s images differ in size; only the part of the inspected "
+            "image that the reference covers is compared (compared_fraction in summary.csv).",
+            entry.name,
+            reference.shape,
+            inspected.shape,
+        )
     return reference, inspected
 
 
@@ -282,7 +296,7 @@ class _Runner:
         )
         self.rows[entry.name] = _summary_row(entry, record)
         self.progress.update(1)
-        self.progress.set_postfix(blobs=sum(1 for row in self.rows.values() if row["blobs"] not in ("", 0)))
+        self.progress.set_postfix(flagged=sum(1 for row in self.rows.values() if row["blobs"] not in ("", 0)))
 
 
 def _run() -> int:
@@ -355,6 +369,13 @@ def main(argv):
     except (FileNotFoundError, FileExistsError, ValueError, hub.WeightsDownloadError) as error:
         logging.error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        # summary.csv and the pair folders keep every batch that finished.
+        logging.error(
+            "interrupted; the pairs finished so far are in %s. Rerun with --resume to run the others.",
+            os.path.join(FLAGS.output_dir or "", SUMMARY_FILE),
+        )
+        return 130
 
 
 if __name__ == "__main__":

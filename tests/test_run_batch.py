@@ -51,7 +51,12 @@ def _case_row(shared_dir, case, name=None):
 def test_batch_run_failures_and_resume(shared_dir, tmp_path):
     pairs = tmp_path / "pairs.csv"
     # The broken pair's paths are relative, so they are read from the CSV's folder.
-    _write_pairs(pairs, [_case_row(shared_dir, "case2"), _case_row(shared_dir, "case3"), ["gone.tif", "gone2.tif", "broken"]])
+    # Column names match without regard to case.
+    _write_pairs(
+        pairs,
+        [_case_row(shared_dir, "case2"), _case_row(shared_dir, "case3"), ["gone.tif", "gone2.tif", "broken"]],
+        header=("Reference", "Inspected", "Name"),
+    )
     output_dir = tmp_path / "out"
     weights = f"--teacher_weights={shared_dir / 'weights' / 'resnet18_imagenet_bnfolded'}"
 
@@ -121,6 +126,7 @@ def test_large_pair_is_tiled(shared_dir, tmp_path):
         (("reference", "inspected", "name"), [["a.tif", "b.tif", "../escape"]], "cannot be a folder name"),
         (("reference", "inspected"), [["a.tif", ""]], "row 2: reference and inspected must both be given"),
         (("reference", "inspected"), [], "lists no pairs"),
+        (("reference;inspected",), [["a.tif;b.tif"]], "Columns must be separated by commas."),
     ],
 )
 def test_invalid_pair_list_rejected(tmp_path, header, rows, message):

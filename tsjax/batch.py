@@ -442,7 +442,10 @@ def fit_stage(
             # The Cholesky solves run one pair after the other: vmapped, the
             # batched factorisation measured several times slower on CPU.
             return jax.lax.map(solve, moments)
-        return _map_pairs(lambda pair, mask: one_pair(pair, mask, key), (features, valid))
+        # One pair per step: with two pairs vmapped, the local ridge fits of
+        # two layers in one program deadlocked XLA's CPU runtime (JAX 0.10.2,
+        # every thread waiting, no CPU used).
+        return _map_pairs(lambda pair, mask: one_pair(pair, mask, key), (features, valid), 1)
 
     return sharding.per_device(all_pairs, mesh, (_PAIRS, _PAIRS, _WHOLE))(features, valid, key)
 
