@@ -244,6 +244,7 @@ class _Runner:
                 self.fail(entry, error)
                 return
             self._write(entry, inspected, detection, tiled=True)
+            _write_summary(self.output_dir, self.entries, self.rows)
             return
         bucket = batch.bucket_shape(inspected.shape)
         self.pending.setdefault(bucket, []).append((entry, reference, inspected))
@@ -371,10 +372,11 @@ def main(argv):
         return 1
     except KeyboardInterrupt:
         # summary.csv and the pair folders keep every batch that finished.
-        logging.error(
-            "interrupted; the pairs finished so far are in %s. Rerun with --resume to run the others.",
-            os.path.join(FLAGS.output_dir or "", SUMMARY_FILE),
-        )
+        summary = os.path.join(FLAGS.output_dir or "", SUMMARY_FILE)
+        if os.path.isfile(summary):
+            logging.error("interrupted; the pairs finished so far are in %s. Rerun with --resume to run the others.", summary)
+        else:
+            logging.error("interrupted before any batch finished; rerun with --resume to run every pair.")
         return 130
 
 
