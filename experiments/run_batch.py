@@ -22,6 +22,7 @@ The detection settings are the flags of ``experiments.run`` (``--helpfull``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -29,6 +30,7 @@ import logging as python_logging
 import os
 import re
 import time
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -255,12 +257,21 @@ class _Runner:
         group = self.pending.pop(bucket, [])
         if not group:
             return
-        detections = batch.detect_batch(
-            [reference for _, reference, _ in group],
-            [inspected for _, _, inspected in group],
-            **self.context["detect_args"],
-            batch_size=FLAGS.batch_size,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            detections = batch.detect_batch(
+                [reference for _, reference, _ in group],
+                [inspected for _, _, inspected in group],
+                **self.context["detect_args"],
+                batch_size=FLAGS.batch_size,
+            )
+        for warning in caught:
+            # detect_batch numbers the pairs of its call; the log names them.
+            message = str(warning.message)
+            match = re.match(r"pair (\d+): ", message)
+            if match:
+                message = f"pair {group[int(match.group(1))][0].name}: {message[match.end():]}"
+            logging.warning("%s", message)
         traces = batch.trace_counts()
         compiled = sorted(stage for stage, count in traces.items() if count > self.traces.get(stage, 0))
         if compiled:
@@ -298,6 +309,30 @@ class _Runner:
         self.rows[entry.name] = _summary_row(entry, record)
         self.progress.update(1)
         self.progress.set_postfix(flagged=sum(1 for row in self.rows.values() if row["blobs"] not in ("", 0)))
+
+
+class _ProgressSafeStream:
+    """Stream for the log that writes above the progress bar (``tqdm.write``) instead of onto its line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            tqdm.tqdm.write(text.rstrip("\n"), file=self.stream)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _log_above_progress_bar():
+    handler = logging.get_absl_handler().python_handler
+    previous = handler.setStream(_ProgressSafeStream(handler.stream))
+    try:
+        yield
+    finally:
+        handler.setStream(previous)
 
 
 def _run() -> int:
@@ -340,7 +375,9 @@ def _run() -> int:
     }
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
-    with tqdm.tqdm(total=len(entries), initial=len(entries) - len(todo), unit="pair", desc="pairs") as progress:
+    with _log_above_progress_bar(), tqdm.tqdm(
+        total=len(entries), initial=len(entries) - len(todo), unit="pair", desc="pairs"
+    ) as progress:
         runner = _Runner(output_dir, entries, rows, progress, context)
         for entry in todo:
             try:

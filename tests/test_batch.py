@@ -256,7 +256,10 @@ def test_pairs_that_fill_their_canvas_match_detect(manhattan, teacher_variables)
     config = DetectionConfig()
     pairs = [_noisy_pair(manhattan, (160, 192), seed, defect=(80, 90)) for seed in (7, 8)]
 
-    results = batch.detect_batch([r for r, _ in pairs], [i for _, i in pairs], teacher_variables, config)
+    # layer2 has fewer valid pixels than student inputs, and the warning names each pair.
+    with pytest.warns(UserWarning, match="pair 1: layer2: only") as caught:
+        results = batch.detect_batch([r for r, _ in pairs], [i for _, i in pairs], teacher_variables, config)
+    assert any(str(warning.message).startswith("pair 0: layer2") for warning in caught)
 
     for (reference, inspected), result in zip(pairs, results):
         expected = pipeline.detect(reference, inspected, teacher_variables, config)

@@ -670,8 +670,11 @@ def _run_bucket(
     states: Mapping[str, Any] | None,
     aligner: str,
     mesh: Mesh | None,
-    real_count: int,
+    pair_numbers: Sequence[int],
 ) -> list[Detection]:
+    # ``pair_numbers``: the positions in detect_batch's lists of the batch's
+    # real pairs, which come first; the rest of the batch is filler.
+    real_count = len(pair_numbers)
     timings = {}
 
     start = time.perf_counter()
@@ -712,8 +715,9 @@ def _run_bucket(
         for layer in config.layers:
             stride = LAYER_STRIDES[layer]
             channels = features[layer].shape[-1]
-            for pair_valid in valids[:real_count]:
-                _warn_if_underdetermined(layer, int(pair_valid[::stride, ::stride].sum()), config.patch_size, channels)
+            for number, pair_valid in zip(pair_numbers, valids):
+                samples = int(pair_valid[::stride, ::stride].sum())
+                _warn_if_underdetermined(layer, samples, config.patch_size, channels, pair=f"pair {number}: ")
         key = jax.random.key(config.seed)
         states = fit_stage(
             features, valid, key, layers=config.layers, student=student, rectangles=rectangles, mesh=mesh
@@ -838,7 +842,7 @@ def detect_batch(
             chunk = indices[start : start + size]
             filled = chunk + [chunk[-1]] * (size - len(chunk))
             batch = prepare_batch([references[i] for i in filled], [inspected[i] for i in filled], bucket)
-            detections = _run_bucket(batch, variables, config, student, states, aligner, mesh, len(chunk))
+            detections = _run_bucket(batch, variables, config, student, states, aligner, mesh, chunk)
             for index, detection in zip(chunk, detections):
                 results[index] = detection
     return results

@@ -300,11 +300,12 @@ def combine_maps(
     return jnp.clip(gaussian_smooth(combined, sigma, valid), 0.0, 1.0)
 
 
-def _warn_if_underdetermined(layer: str, samples: int, patch_size: int, channels: int) -> None:
+def _warn_if_underdetermined(layer: str, samples: int, patch_size: int, channels: int, pair: str = "") -> None:
+    # ``pair`` names the pair among many, as a prefix of the message.
     inputs = patch_size * patch_size * channels
     if samples < inputs:
         warnings.warn(
-            f"{layer}: only {samples} valid feature pixels for {inputs} student inputs "
+            f"{pair}{layer}: only {samples} valid feature pixels for {inputs} student inputs "
             f"({patch_size}x{patch_size} patch of {channels} channels), so the student can fit "
             "defects away. Use a larger image, a smaller --patch_size or shallower --layers.",
             stacklevel=3,
