@@ -141,6 +141,26 @@ def run_flags(defining: str = "reference") -> list:
     return []
 
 
+def check_pair_shapes(
+    reference_shape: tuple[int, int], inspected_shape: tuple[int, int], *, pair: str = "", record: str = "detections.json"
+) -> None:
+    """Reject sizes without a useful overlap (``io.check_pair_sizes``) and log a warning when they differ.
+
+    ``pair`` prefixes the warning among many pairs, and ``record`` names the
+    file whose ``compared_fraction`` gives the share that was compared.
+    """
+    io.check_pair_sizes(reference_shape, inspected_shape)
+    if reference_shape != inspected_shape:
+        logging.warning(
+            "%sthe reference %s and inspected %s images differ in size; only the part of the inspected "
+            "image that the reference covers is compared (see compared_fraction in %s).",
+            pair,
+            reference_shape,
+            inspected_shape,
+            record,
+        )
+
+
 def student_from_flags(config: DetectionConfig) -> Student:
     """Build the student named by --student with --student_options."""
     options = {}
@@ -276,14 +296,7 @@ def _detect_and_write() -> None:
         inspected = io.load_image(FLAGS.inspected)
     load_time = time.perf_counter() - start
     logging.info("load: reference %s, inspected %s in %.2f s", reference.shape, inspected.shape, load_time)
-    io.check_pair_sizes(reference.shape, inspected.shape)
-    if reference.shape != inspected.shape:
-        logging.warning(
-            "the reference %s and inspected %s images differ in size; only the part of the inspected "
-            "image that the reference covers is compared (see compared_fraction in detections.json).",
-            reference.shape,
-            inspected.shape,
-        )
+    check_pair_shapes(reference.shape, inspected.shape)
 
     start = time.perf_counter()
     # Load every stage up to layer3, whatever --layers selects, so that the

@@ -210,15 +210,7 @@ def _write_summary(output_dir: str, entries: list[PairEntry], rows: dict[str, di
 def _load_pair(entry: PairEntry) -> tuple[np.ndarray, np.ndarray]:
     reference = io.load_image(entry.reference)
     inspected = io.load_image(entry.inspected)
-    io.check_pair_sizes(reference.shape, inspected.shape)
-    if reference.shape != inspected.shape:
-        logging.warning(
-            "pair %s: the reference %s and inspected %s images differ in size; only the part of the inspected "
-            "image that the reference covers is compared (compared_fraction in summary.csv).",
-            entry.name,
-            reference.shape,
-            inspected.shape,
-        )
+    single.check_pair_shapes(reference.shape, inspected.shape, pair=f"pair {entry.name}: ", record=SUMMARY_FILE)
     return reference, inspected
 
 
@@ -233,6 +225,8 @@ class _Runner:
         self.context = context
         self.pending: dict[tuple[int, int], list[tuple[PairEntry, np.ndarray, np.ndarray]]] = {}
         self.traces = batch.trace_counts()
+        # Pairs with at least one blob, resumed ones included, for the progress bar.
+        self.flagged = sum(1 for row in rows.values() if row["status"] == "ok" and row["blobs"] > 0)
 
     def add(self, entry: PairEntry, reference: np.ndarray, inspected: np.ndarray) -> None:
         if max(inspected.shape) > FLAGS.tile_above:
@@ -307,8 +301,9 @@ class _Runner:
             figures=figures,
         )
         self.rows[entry.name] = _summary_row(entry, record)
+        self.flagged += bool(detection.blobs)
         self.progress.update(1)
-        self.progress.set_postfix(flagged=sum(1 for row in self.rows.values() if row["blobs"] not in ("", 0)))
+        self.progress.set_postfix(flagged=self.flagged)
 
 
 class _ProgressSafeStream:

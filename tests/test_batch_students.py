@@ -10,8 +10,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Two 192 x 224 px crops of synthetic pairs in one batch, each compared with
-# pipeline.detect on the same pair and student. The crops fill their bucket:
-# padding would change the MLP's random draws (see docs/scaling.md).
+# pipeline.detect on the same pair and student. The crops fill their bucket,
+# because padding would change the MLP's random draws (see docs/scaling.md).
 _SCRIPT = """
 import json, sys
 import numpy as np
